@@ -1,0 +1,107 @@
+"""QIG token scores and the calibration token weights derived from them.
+
+A token's QIG score is the hidden-mean of ``|IG|`` of a block's quantization discrepancy
+``sum_t mean_h |f(x; W)_t - f(x; Q(W))_t|`` with respect to the block input ``x``.
+"""
+
+from collections.abc import Callable
+
+import torch
+
+from qig_plugin.attribution.integrated_gradients import QuadratureRule, integrated_gradients
+
+
+# per-token quantization discrepancy of a block: mean over hidden of |fp - q|
+def discrepancy(fp_output: torch.Tensor, q_output: torch.Tensor) -> torch.Tensor:
+    """``[batch, seq, hidden]`` outputs -> ``[batch, seq]`` mean absolute difference."""
+    return (fp_output - q_output).abs().mean(dim=-1)
+
+
+def qig_token_scores(
+    fp_fn: Callable[[torch.Tensor], torch.Tensor],
+    q_fn: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    baseline: torch.Tensor | None = None,
+    steps: int = 8,
+    rule: QuadratureRule = "gauss_legendre",
+    points_per_pass: int = 1,
+) -> torch.Tensor:
+    """QIG score of every token of ``x``.
+
+    :param fp_fn: the full-precision block, ``[n, seq, hidden_in] -> [n, seq, hidden_out]``
+    :param q_fn: the same block with quantized weights ``Q(W)``
+    :param x: block input ``[batch, seq, hidden_in]``
+    :param baseline: path start: None for zeros (the reference's weight-only path), or
+        the quantized input ``x^q`` (the paper), shape of ``x``
+    :param steps: quadrature nodes; ``rule``: ``"gauss_legendre"`` or ``"uniform"``
+    :param points_per_pass: path points stacked along the batch dim per pass (the blocks
+        must then treat dim 0 as independent samples)
+    :return: scores ``[batch, seq]``, non-negative
+    """
+    if x.ndim != 3:
+        raise ValueError(f"x must be [batch, seq, hidden], got shape {tuple(x.shape)}")
+
+    def objective(points: torch.Tensor) -> torch.Tensor:
+        return discrepancy(fp_fn(points), q_fn(points)).sum()
+
+    attributions = integrated_gradients(
+        objective, x, baseline, steps=steps, rule=rule, points_per_pass=points_per_pass
+    )
+    return attributions.abs().mean(dim=-1)
+
+
+# per-sample: divide by the sum over the kept tokens (masked tokens stay 0)
+def _normalize(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    values = torch.where(keep, values, torch.zeros_like(values))
+    totals = values.sum(dim=-1, keepdim=True)
+    return torch.where(totals > 0, values / totals.clamp_min(torch.finfo(values.dtype).tiny),
+                       keep / keep.sum(dim=-1, keepdim=True).clamp_min(1))
+
+
+# per-sample quartiles over the kept tokens only: [batch] each
+def _masked_quartiles(values: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    masked = torch.where(keep, values, torch.full_like(values, float("nan")))
+    quartiles = torch.nanquantile(masked, torch.tensor([0.25, 0.75], dtype=values.dtype), dim=-1)
+    return quartiles[0], quartiles[1]
+
+
+def token_weights(
+    scores: torch.Tensor, mask: torch.Tensor | None = None, iqr_k: float | None = 1.5
+) -> torch.Tensor:
+    """Calibration weights from token scores, summing to 1 per sample.
+
+    Per sample: normalize the scores to sum 1, clip them to
+    ``[Q1 - iqr_k * IQR, Q3 + iqr_k * IQR]`` (quartiles over the kept tokens), renormalize.
+
+    :param scores: ``[batch, seq]`` non-negative token scores
+    :param mask: ``[batch, seq]`` bool or 0/1, true for tokens to keep; False tokens
+        (padding, optionally the system prompt) get weight 0 and are left out of the
+        quartiles. None keeps every token.
+    :param iqr_k: IQR multiplier; None disables clipping
+    :return: weights ``[batch, seq]``, each kept row sums to 1 (uniform over the kept
+        tokens where all scores are 0); all-masked rows are all 0
+    """
+    if scores.ndim != 2:
+        raise ValueError(f"scores must be [batch, seq], got shape {tuple(scores.shape)}")
+    if mask is None:
+        keep = torch.ones_like(scores, dtype=torch.bool)
+    elif mask.shape != scores.shape:
+        raise ValueError(
+            f"token mask shape {tuple(mask.shape)} does not match scores {tuple(scores.shape)}; "
+            "the mask needs one entry per token of each sample"
+        )
+    else:
+        keep = mask.bool()
+    if not torch.isfinite(scores[keep]).all():
+        raise FloatingPointError(
+            "QIG scores contain NaN or Inf; compute the attribution in float32 (fp16/bf16 "
+            "discrepancies underflow or overflow)"
+        )
+    weights = _normalize(scores.float(), keep)
+    if iqr_k is not None:
+        q1, q3 = _masked_quartiles(weights, keep)
+        spread = iqr_k * (q3 - q1)
+        low = (q1 - spread).clamp_min(0).unsqueeze(-1)
+        weights = torch.minimum(torch.maximum(weights, low), (q3 + spread).unsqueeze(-1))
+        weights = _normalize(weights, keep)
+    return weights.to(scores.dtype)

@@ -1,0 +1,17 @@
+"""Registration of the QIG modifiers in llm-compressor's ``ModifierFactory``.
+
+llm-compressor has no entry-point discovery: a recipe can name a plugin modifier only
+after the plugin is imported. ``register_modifiers`` runs on ``import qig_plugin``.
+"""
+
+from llmcompressor.modifiers.factory import ModifierFactory
+
+from qig_plugin.modifiers import QIGGPTQModifier
+
+PLUGIN_MODIFIERS = (QIGGPTQModifier,)
+
+
+def register_modifiers() -> None:
+    """Register every QIG modifier under its class name (the name ``recipe.yaml`` records)."""
+    for modifier_class in PLUGIN_MODIFIERS:
+        ModifierFactory.register(modifier_class.__name__, modifier_class)
