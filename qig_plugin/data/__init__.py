@@ -1,0 +1,11 @@
+"""Calibration data: shipped real photos and texts, and their conversion to oneshot datasets."""
+
+from qig_plugin.data.calibration import (
+    CalibrationRecord,
+    batch_one_collator,
+    build_calibration_dataset,
+    load_photo,
+    shipped_records,
+)
+
+__all__ = ["CalibrationRecord", "batch_one_collator", "build_calibration_dataset", "load_photo", "shipped_records"]

@@ -42,7 +42,8 @@ class QIGGPTQModifier(GPTQModifier):
         the input quantized by the scheme's own dynamic activation quantizer (schemes
         with quantized activations only; llm-compressor's sequential pipeline already
         feeds each layer the quantized network's activations)
-    :param qig_iqr_k: IQR clipping multiplier of the per-sample weights; null disables it
+    :param qig_iqr_clip: clip each sample's weights to ``[Q1 - k IQR, Q3 + k IQR]``
+    :param qig_iqr_k: the IQR multiplier ``k``
     :param qig_mask_padding: give weight 0 to padding (keys a token cannot attend to
         itself in the attention mask) and to tokens whose ``loss_mask`` is 0 when
         ``oneshot(..., use_loss_mask=True)``
@@ -52,7 +53,8 @@ class QIGGPTQModifier(GPTQModifier):
     qig_steps: int = Field(default=8, ge=1)
     qig_rule: QuadratureRule = "gauss_legendre"
     qig_baseline: Literal["zero", "quantized"] = "zero"
-    qig_iqr_k: float | None = Field(default=1.5, ge=0)
+    qig_iqr_clip: bool = True
+    qig_iqr_k: float = Field(default=1.5, ge=0)
     qig_mask_padding: bool = True
     qig_points_per_pass: int = Field(default=1, ge=1)
 
@@ -102,10 +104,15 @@ class QIGGPTQModifier(GPTQModifier):
             return
         keep = self._token_mask(block_input, kwargs)
         scores = self._scores(group, block, position, args, kwargs, block_input)
-        weights = token_weights(scores, keep, self.qig_iqr_k)
-        kept_tokens = keep.sum(dim=-1, keepdim=True) if keep is not None else scores.shape[-1]
+        weights = self._token_weights(scores, keep)
         for linear in group.linears:
-            self._qig_weights[linear] = weights * kept_tokens
+            self._qig_weights[linear] = weights
+
+    # lambda [batch, seq] with mean 1 over each sample's kept tokens, as stock GPTQ counts them
+    def _token_weights(self, scores: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        kept_tokens = keep.sum(dim=-1, keepdim=True) if keep is not None else scores.shape[-1]
+        iqr_k = self.qig_iqr_k if self.qig_iqr_clip else None
+        return token_weights(scores, keep, iqr_k) * kept_tokens
 
     # QIG scores [batch, seq] of the block input, with hooks off and gradients on
     def _scores(self, group, block, position, args, kwargs, block_input) -> torch.Tensor:

@@ -1,0 +1,227 @@
+"""Calibration data: the shipped real photographs and texts, and their conversion to an oneshot dataset.
+
+Photos come from scikit-image, scikit-learn and matplotlib (all installable offline); texts are our own captions
+and answers (``qig_plugin.data.records``) and real passages of the Python documentation (``pydoc_data.topics``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from datasets import Dataset
+from PIL import Image
+
+from qig_plugin.data.records import HELDOUT_PHOTOS, HELDOUT_TOPICS, PASSAGE_TASKS, PHOTO_PROMPTS
+
+PASSAGE_CHARS = 900
+CONTINUATION_CHARS = 400
+IMAGE_PLACEHOLDER_TOKENS = ("<image>", "<fake_token_around_image>", "<global-img>")
+
+
+@dataclass
+class CalibrationRecord:
+    """One conversation turn: an optional image, the user's prompt and the assistant's answer."""
+
+    image: Image.Image | None
+    prompt: str
+    answer: str
+
+
+def load_photo(name: str) -> Image.Image:
+    """Load a shipped photograph by name (a key of ``PHOTO_PROMPTS``) as an RGB image."""
+    if name == "china" or name == "flower":
+        from sklearn.datasets import load_sample_image
+
+        return Image.fromarray(load_sample_image(f"{name}.jpg")).convert("RGB")
+    if name == "grace_hopper":
+        from matplotlib.cbook import get_sample_data
+
+        with Image.open(get_sample_data("grace_hopper.jpg")) as image:
+            return image.convert("RGB")
+    import skimage.data
+
+    pixels = getattr(skimage.data, name)()
+    if pixels.dtype == bool:
+        pixels = pixels.astype(np.uint8) * 255
+    return Image.fromarray(pixels).convert("RGB")
+
+
+def _topic_text(topic: str) -> str:
+    import pydoc_data.topics
+
+    return re.sub(r"\n{3,}", "\n\n", pydoc_data.topics.topics[topic]).strip()
+
+
+def _cut_at_whitespace(text: str, max_chars: int) -> str:
+    """The longest prefix of ``text`` of at most ``max_chars`` characters that ends before a whitespace."""
+    if len(text) <= max_chars:
+        return text
+    return text[: text.rindex(" ", 0, max_chars + 1)].rstrip()
+
+
+def _passage_record(topic: str, task: str, image: Image.Image, summary: str | None) -> CalibrationRecord:
+    text = _topic_text(topic)
+    if task == "summarize":
+        passage = _cut_at_whitespace(text, PASSAGE_CHARS)
+        return CalibrationRecord(image, f"Summarize this passage from the Python documentation.\n\n{passage}", summary)
+    passage = _cut_at_whitespace(text, min(PASSAGE_CHARS, 2 * len(text) // 3))  # leave text to continue
+    continuation = _cut_at_whitespace(text[len(passage) :].lstrip(), CONTINUATION_CHARS)
+    return CalibrationRecord(
+        image, f"Here is a passage from the Python documentation.\n\n{passage}\n\nContinue the text.", continuation
+    )
+
+
+def shipped_records(split: Literal["calibration", "heldout"]) -> list[CalibrationRecord]:
+    """The project's real calibration set, in a fixed order.
+
+    ``"calibration"`` has 52 records (14 photos x 3 prompts, 10 documentation passages), ``"heldout"`` 19
+    (5 photos x 3 prompts, 4 passages). No photo and no passage appears in both splits; every record has an image
+    (passages are paired with a photo of the same split).
+    """
+    if split not in ("calibration", "heldout"):
+        raise ValueError(f"split must be 'calibration' or 'heldout', got {split!r}")
+    heldout = split == "heldout"
+    photos = {name: load_photo(name) for name in PHOTO_PROMPTS if (name in HELDOUT_PHOTOS) == heldout}
+    records = [
+        CalibrationRecord(photos[name], prompt, answer)
+        for name in photos
+        for prompt, answer in PHOTO_PROMPTS[name]
+    ]
+    records += [
+        _passage_record(topic, task, photos[photo], summary)
+        for topic, task, photo, summary in PASSAGE_TASKS
+        if (topic in HELDOUT_TOPICS) == heldout
+    ]
+    return records
+
+
+def _describe(index: int, record: object) -> str:
+    prompt = getattr(record, "prompt", None)
+    return f"record {index} (prompt {prompt[:40]!r})" if isinstance(prompt, str) else f"record {index} ({record!r:.80})"
+
+
+def _checked_image(index: int, record: object) -> Image.Image | None:
+    """Validate a record's fields and return its decoded RGB image (or None)."""
+    if not isinstance(record, CalibrationRecord):
+        raise TypeError(f"{_describe(index, record)} is a {type(record).__name__}, expected a CalibrationRecord")
+    if not isinstance(record.prompt, str) or not record.prompt.strip():
+        raise ValueError(f"{_describe(index, record)} has an empty or non-string prompt")
+    if not isinstance(record.answer, str):
+        raise ValueError(f"{_describe(index, record)} has a non-string answer: {record.answer!r:.80}")
+    if record.image is None:
+        return None
+    if not isinstance(record.image, Image.Image):
+        raise TypeError(
+            f"{_describe(index, record)}: image is a {type(record.image).__name__}, expected a PIL image or None"
+        )
+    try:
+        return record.image.convert("RGB")
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{_describe(index, record)}: the image cannot be decoded ({error})") from error
+
+
+def build_calibration_dataset(
+    records: list[CalibrationRecord],
+    processor,
+    max_length: int = 512,
+    mask_system_prompt: bool = False,
+) -> Dataset:
+    """Turn records into an oneshot calibration dataset, one unpadded conversation per row.
+
+    Each record becomes ``[user: image + prompt, assistant: answer]`` rendered with the processor's chat template
+    (which supplies the leading ``<|im_start|>``, so no other special tokens are added) and tokenized by the
+    processor, which expands each image into its image tokens.
+
+    Columns of row i (``seq_i <= max_length``):
+        input_ids, attention_mask: ``[seq_i]`` int.
+        pixel_values: ``[num_images=1, 3, H, W]`` float32; pixel_attention_mask: ``[1, H, W]`` bool.
+        loss_mask: ``[seq_i]`` float, 1.0 for real tokens and 0.0 for padding (rows are unpadded, so 0.0 appears
+        only where the tokenizer marks padding). With ``mask_system_prompt=True`` it is also 0.0 for the
+        chat-template tokens before the user's content, that is everything the template renders before the
+        record's image (or prompt, for an image-less record): ``<|im_start|>User:`` with the SmolVLM template.
+    Image columns are present only if the records have images; records with and without images cannot be mixed,
+    because every row must have the same columns.
+
+    Raises:
+        ValueError: no records; an invalid record or an undecodable image (naming the record); mixed image and
+        image-less records; ``max_length`` would cut into image tokens.
+    """
+    if not records:
+        raise ValueError("build_calibration_dataset got no records; pass at least one CalibrationRecord")
+    images = [_checked_image(index, record) for index, record in enumerate(records)]
+    if len({image is None for image in images}) > 1:
+        raise ValueError(
+            "Records with and without images cannot be mixed: every dataset row must have the same columns "
+            "(the sequential pipeline traces the model with the first batch)"
+        )
+    tokenizer = processor.tokenizer
+    placeholder_ids = {tokenizer.convert_tokens_to_ids(token) for token in IMAGE_PLACEHOLDER_TOKENS}
+    rows = []
+    for index, (record, image) in enumerate(zip(records, images)):
+        user_content = [{"type": "text", "text": record.prompt}]
+        if image is not None:
+            user_content.insert(0, {"type": "image"})
+        messages = [
+            {"role": "user", "content": user_content},
+            {"role": "assistant", "content": [{"type": "text", "text": record.answer}]},
+        ]
+        text = processor.apply_chat_template(messages, tokenize=False)
+        encoding = processor(
+            text=[text], images=[[image]] if image is not None else None, add_special_tokens=False, return_tensors="np"
+        )
+        input_ids = encoding["input_ids"][0]
+        placeholder_positions = np.flatnonzero(np.isin(input_ids, list(placeholder_ids)))
+        if len(input_ids) > max_length:
+            if len(placeholder_positions) and placeholder_positions[-1] >= max_length:
+                raise ValueError(
+                    f"{_describe(index, record)}: max_length={max_length} would cut its image tokens "
+                    f"(the last one is at position {placeholder_positions[-1]}); raise max_length"
+                )
+            input_ids = input_ids[:max_length]
+        attention_mask = encoding["attention_mask"][0][: len(input_ids)]
+        loss_mask = attention_mask.astype(np.float32)
+        if mask_system_prompt:
+            content_start = text.index("<image>" if image is not None else record.prompt)
+            prefix_ids = tokenizer(text[:content_start].rstrip(), add_special_tokens=False)["input_ids"]
+            if list(input_ids[: len(prefix_ids)]) != list(prefix_ids):
+                raise RuntimeError(f"{_describe(index, record)}: the template prefix does not tokenize separately")
+            loss_mask[: len(prefix_ids)] = 0.0
+        row = {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+        if image is not None:
+            row["pixel_values"] = encoding["pixel_values"][0].astype(np.float32)
+            row["pixel_attention_mask"] = encoding["pixel_attention_mask"][0].astype(bool)
+        rows.append(row)
+    return Dataset.from_list(rows)
+
+
+COLLATED_DTYPES = {
+    "input_ids": torch.long,
+    "attention_mask": torch.long,
+    "loss_mask": torch.float32,
+    "pixel_values": torch.float32,
+    "pixel_attention_mask": torch.bool,
+}
+
+
+def batch_one_collator(batch: list[dict]) -> dict[str, torch.Tensor]:
+    """Collate a single dataset row for oneshot with batch size 1, adding the batch dimension.
+
+    ``input_ids``/``attention_mask``/``loss_mask`` ``[seq] -> [1, seq]``; Idefics3 ``pixel_values``
+    ``[1, 3, H, W] -> [1, 1, 3, H, W]`` and ``pixel_attention_mask`` ``[1, H, W] -> [1, 1, H, W]``; LLaVA
+    ``pixel_values`` ``[3, H, W] -> [1, 3, H, W]``. Qwen2-VL-style rows (with ``image_grid_thw``) store
+    ``pixel_values`` ``[num_patches, C*T*P*P]`` and ``image_grid_thw`` ``[num_images, 3]`` already flattened over
+    the batch; these two are passed on unchanged.
+    """
+    if len(batch) != 1:
+        raise ValueError(f"batch_one_collator expects batch size 1, got {len(batch)} rows")
+    (row,) = batch
+    flattened_over_batch = {"pixel_values", "image_grid_thw"} if "image_grid_thw" in row else set()
+    collated = {}
+    for name, value in row.items():
+        tensor = torch.as_tensor(np.asarray(value), dtype=COLLATED_DTYPES.get(name))
+        collated[name] = tensor if name in flattened_over_batch else tensor.unsqueeze(0)
+    return collated

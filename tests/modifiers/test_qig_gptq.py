@@ -1,0 +1,148 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from llmcompressor import oneshot
+from llmcompressor.modifiers.gptq import GPTQModifier
+from llmcompressor.recipe import Recipe
+from safetensors.torch import load_file
+
+import qig_plugin  # noqa: F401  (registers the modifiers)
+from qig_plugin.modifiers import QIGGPTQModifier
+from qig_plugin.modifiers.groups import resolve_groups
+from qig_plugin.modifiers.qig_gptq import _attendable_tokens
+from tests.modifiers.tiny_llama import load_tiny_llama, random_token_dataset, tiny_tokenizer
+
+SCHEME = {"targets": ["Linear"], "scheme": "W4A16", "ignore": ["lm_head"]}
+
+
+def quantize(model_dir, recipe, output_dir, **kwargs):
+    model = load_tiny_llama(model_dir)
+    oneshot(
+        model=model,
+        processor=tiny_tokenizer(),
+        dataset=random_token_dataset(),
+        recipe=recipe,
+        num_calibration_samples=6,
+        max_seq_length=24,
+        pipeline="sequential",
+        **kwargs,
+    )
+    model.save_pretrained(output_dir, save_compressed=True)
+    return load_file(output_dir / "model.safetensors"), model
+
+
+def test_weights_of_one_give_a_checkpoint_bit_identical_to_stock_gptq(tiny_llama_dir, tmp_path, monkeypatch):
+    stock, _ = quantize(tiny_llama_dir, GPTQModifier(**SCHEME), tmp_path / "stock")
+
+    calls = []
+    real_token_weights = QIGGPTQModifier._token_weights
+
+    def weights_of_one(self, scores, keep):
+        calls.append(real_token_weights(self, scores, keep))  # the full QIG path still runs
+        return torch.ones_like(scores)
+
+    monkeypatch.setattr(QIGGPTQModifier, "_token_weights", weights_of_one)
+    ones, _ = quantize(tiny_llama_dir, QIGGPTQModifier(**SCHEME), tmp_path / "ones")
+
+    assert len(calls) == 6 * 2 * 4  # samples x layers x groups (attention, o_proj, mlp, down_proj)
+    assert stock.keys() == ones.keys()
+    assert all(torch.equal(stock[name], ones[name]) for name in stock)
+
+
+def test_qig_weights_change_the_checkpoint(tiny_llama_dir, tmp_path):
+    stock, _ = quantize(tiny_llama_dir, GPTQModifier(**SCHEME), tmp_path / "stock")
+    qig, model = quantize(tiny_llama_dir, QIGGPTQModifier(**SCHEME), tmp_path / "qig")
+    packed = [name for name in stock if name.endswith("weight_packed")]
+    changed = [name for name in packed if not torch.equal(stock[name], qig[name])]
+    assert len(packed) == 14 and len(changed) >= 10
+    config = json.loads((tmp_path / "qig" / "config.json").read_text())["quantization_config"]
+    assert config["format"] == "pack-quantized"
+    assert config["config_groups"]["group_0"]["weights"]["num_bits"] == 4
+
+
+def test_hessian_is_the_token_weighted_sum(tiny_llama_dir):
+    model = load_tiny_llama(tiny_llama_dir)
+    linear = model.model.layers[0].mlp.down_proj
+    modifier = QIGGPTQModifier(**SCHEME)
+    torch.manual_seed(0)
+    inputs = torch.randn(2, 5, linear.in_features)
+    weights = torch.rand(2, 5) * 2
+    modifier._qig_weights[linear] = weights
+    modifier.calibrate_module(linear, (inputs,), None)
+    expected = 2 * torch.einsum("bt,bti,btj->ij", weights, inputs, inputs)
+    assert torch.allclose(modifier._hessians[linear], expected, rtol=1e-5, atol=1e-5)
+    assert linear not in modifier._qig_weights  # consumed, never reused for another batch
+
+
+def test_groups_follow_llm_compressor_mappings(tiny_llama_dir):
+    model = load_tiny_llama(tiny_llama_dir)
+    oneshot_free = QIGGPTQModifier(**SCHEME)
+    from compressed_tensors.quantization import apply_quantization_config
+
+    apply_quantization_config(model, oneshot_free.resolve_quantization_config())
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    groups = resolve_groups(model, names)
+    blocks = [g.block_name for g in groups]
+    assert blocks[:4] == [
+        "model.layers.0.self_attn",
+        "model.layers.0.self_attn.o_proj",
+        "model.layers.0.mlp",
+        "model.layers.0.mlp.down_proj",
+    ]
+    attention = groups[0]
+    assert len(attention.linears) == 3 and len(attention.weight_args) == 4  # q/k/v, plus o_proj in Q(W)
+    assert sum(len(g.linears) for g in groups) == len(names)
+
+
+def test_padding_is_read_from_the_attention_mask():
+    minimum = torch.finfo(torch.float32).min
+    causal = torch.triu(torch.full((4, 4), minimum), diagonal=1)
+    left_padded = causal.clone()
+    left_padded[:, 0] = minimum
+    mask = torch.stack([causal, left_padded])[:, None]
+    assert _attendable_tokens(mask).tolist() == [[True] * 4, [False, True, True, True]]
+
+
+def test_recipe_yaml_round_trip(tiny_llama_dir, tmp_path):
+    recipe = """
+quant_stage:
+  quant_modifiers:
+    QIGGPTQModifier:
+      targets: [Linear]
+      ignore: [lm_head]
+      scheme: W4A16
+      qig_steps: 4
+      qig_rule: uniform
+      qig_iqr_clip: false
+"""
+    _, _ = quantize(tiny_llama_dir, recipe, tmp_path / "out")
+    saved = yaml.safe_load((tmp_path / "out" / "recipe.yaml").read_text())
+    fields = saved["quant_stage"]["quant_modifiers"]["QIGGPTQModifier"]
+    assert fields["qig_steps"] == 4 and fields["qig_rule"] == "uniform" and fields["qig_iqr_clip"] is False
+    (modifier,) = Recipe.create_instance(str(tmp_path / "out" / "recipe.yaml")).modifiers
+    assert isinstance(modifier, QIGGPTQModifier)
+    assert (modifier.qig_steps, modifier.qig_rule, modifier.qig_iqr_clip) == (4, "uniform", False)
+
+
+def test_unknown_field_is_rejected():
+    with pytest.raises(ValueError, match="qig_stepz"):
+        QIGGPTQModifier(**SCHEME, qig_stepz=3)
+
+
+def test_quantized_baseline_on_weight_only_scheme_is_explained(tiny_llama_dir, tmp_path):
+    with pytest.raises(ValueError, match="use qig_baseline: zero"):
+        quantize(tiny_llama_dir, QIGGPTQModifier(**SCHEME, qig_baseline="quantized"), tmp_path / "out")
+
+
+def test_recipe_without_plugin_import_says_import_qig_plugin():
+    code = (
+        "from llmcompressor.recipe import Recipe\n"
+        "Recipe.create_instance('quant_stage:\\n  quant_modifiers:\\n    QIGGPTQModifier: {scheme: W4A16}\\n')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "import qig_plugin" in result.stderr
