@@ -1,0 +1,113 @@
+"""One call from a loaded VLM and a recipe to a complete compressed-tensors checkpoint.
+
+``quantize_to_checkpoint`` runs llm-compressor's real ``oneshot`` with the sequential
+pipeline over the text decoder layers, then saves the compressed model and its processor
+to a temporary sibling of the output folder and renames it: the output folder appears
+only when the checkpoint is complete.
+"""
+
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from llmcompressor import oneshot
+
+import qig_plugin  # noqa: F401  (registers the QIG modifiers before the recipe is parsed)
+from qig_plugin.data import batch_one_collator
+
+VISION_NAME_PARTS = ("vision", "visual", "connector", "projector")
+
+
+@dataclass
+class QuantizeReport:
+    """What a quantization run did: where, how long, how big."""
+
+    output_dir: Path
+    calibration_s: float
+    save_s: float
+    size_bytes: int
+
+
+def decoder_layer_class(model: torch.nn.Module) -> str:
+    """Class name of the language model's decoder layers (the sequential targets).
+
+    The decoder layers are the longest ``ModuleList`` outside the vision tower and the
+    projector whose blocks hold both ``self_attn`` and ``mlp``.
+    """
+    candidates = [
+        (len(modules), type(modules[0]).__name__)
+        for name, modules in model.named_modules()
+        if isinstance(modules, torch.nn.ModuleList)
+        and len(modules) > 0
+        and not any(part in name for part in VISION_NAME_PARTS)
+        and hasattr(modules[0], "self_attn")
+        and hasattr(modules[0], "mlp")
+    ]
+    if not candidates:
+        raise ValueError(
+            f"could not find the text decoder layers of {type(model).__name__}: no ModuleList of "
+            "blocks with self_attn and mlp outside the vision tower; pass sequential_targets"
+        )
+    return max(candidates)[1]
+
+
+def _folder_size(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+
+
+def quantize_to_checkpoint(
+    model: torch.nn.Module,
+    processor,
+    recipe: str | Path,
+    dataset: Dataset,
+    output_dir: str | Path,
+    *,
+    sequential_targets: list[str] | None = None,
+    overwrite: bool = False,
+) -> QuantizeReport:
+    """Calibrate ``model`` with ``recipe`` on ``dataset`` and write a compressed checkpoint.
+
+    :param model: the model, loaded from a saved folder (``oneshot`` re-reads its config)
+    :param processor: its processor (or tokenizer); saved beside the weights for vLLM
+    :param recipe: a recipe YAML path or string (nested ``*_stage`` / ``*_modifiers`` form)
+    :param dataset: tokenized calibration samples (one sample per batch)
+    :param output_dir: the checkpoint folder to create
+    :param sequential_targets: decoder layer classes; found from the model when None
+    :param overwrite: replace an existing ``output_dir``
+    """
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not overwrite:
+        raise FileExistsError(f"{output_dir} already exists; choose another folder or pass overwrite")
+    if len(dataset) == 0:
+        raise ValueError("the calibration dataset is empty: give at least one sample")
+
+    start = time.perf_counter()
+    oneshot(
+        model=model,
+        processor=processor,
+        dataset=dataset,
+        recipe=str(recipe),
+        num_calibration_samples=len(dataset),
+        data_collator=batch_one_collator,
+        sequential_targets=sequential_targets or [decoder_layer_class(model)],
+        pipeline="sequential",
+    )
+    calibration_s = time.perf_counter() - start
+
+    start = time.perf_counter()
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".partial", dir=output_dir.parent))
+    try:
+        model.save_pretrained(staging, save_compressed=True)
+        processor.save_pretrained(staging)
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        staging.rename(output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return QuantizeReport(output_dir, calibration_s, time.perf_counter() - start, _folder_size(output_dir))

@@ -1,0 +1,91 @@
+"""The offline-built default model (SmolLM2-135M-Instruct in Idefics3 with a random vision tower)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import Idefics3Config
+
+from qig_plugin.data import load_photo
+from qig_plugin.models import IMAGE_SEQ_LEN, build_default_model, load_model, load_processor
+from qig_plugin.models.default_model import IDEFICS3_SPECIAL_TOKENS, random_vision_weights
+
+SMOLLM2_VOCAB_SIZE = 49152
+
+
+def test_load_model_names_the_missing_folder_and_the_build_command(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError, match=rf"{missing}.*python -m qig_plugin.models.default_model"):
+        load_model(missing)
+
+
+def test_load_processor_names_the_folder_and_the_missing_files(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=rf"{tmp_path} has no tokenizer/processor files.*tokenizer.json"):
+        load_processor(tmp_path)
+
+
+@pytest.mark.slow
+def test_build_is_idempotent(default_model_dir: Path):
+    weights = default_model_dir / "model.safetensors"
+    modified = weights.stat().st_mtime_ns
+    assert build_default_model(default_model_dir) == default_model_dir
+    assert weights.stat().st_mtime_ns == modified
+    assert not list(default_model_dir.parent.glob(f".{default_model_dir.name}.*"))  # no staging folder left
+
+
+@pytest.mark.slow
+def test_config_vocabulary_and_image_tokens(default_model_dir: Path):
+    config = Idefics3Config.from_pretrained(default_model_dir)
+    processor = load_processor(default_model_dir)
+    tokenizer = processor.tokenizer
+    assert config.text_config.vocab_size == len(tokenizer) == SMOLLM2_VOCAB_SIZE + len(IDEFICS3_SPECIAL_TOKENS)
+    assert config.text_config.num_hidden_layers == 30 and config.text_config.hidden_size == 576
+    assert config.image_token_id == tokenizer.convert_tokens_to_ids("<image>")
+    for token in IDEFICS3_SPECIAL_TOKENS:
+        assert tokenizer.tokenize(token) == [token]
+    assert tokenizer.eos_token == "<end_of_utterance>" and tokenizer.bos_token == "<|im_start|>"
+    assert processor.image_seq_len == IMAGE_SEQ_LEN == 64
+
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    assert text == "<|im_start|>User:<image>What is this?<end_of_utterance>\nAssistant:"
+    inputs = processor(text=text, images=[load_photo("coffee")], return_tensors="pt")
+    assert (inputs["input_ids"] == config.image_token_id).sum() == IMAGE_SEQ_LEN
+    assert inputs["pixel_values"].shape == (1, 1, 3, 256, 256)
+
+
+@pytest.mark.slow
+def test_generates_from_a_photo_and_answers_text_sensibly(default_model_dir: Path):
+    model = load_model(default_model_dir)
+    processor = load_processor(default_model_dir)
+    image_messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this."}]}]
+    text = processor.apply_chat_template(image_messages, add_generation_prompt=True)
+    inputs = processor(text=text, images=[load_photo("astronaut")], return_tensors="pt")
+    generated = model.generate(**inputs, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert generated.shape[1] == inputs["input_ids"].shape[1] + 8
+
+    # The first greedy token after "Assistant:" is <|im_end|>; min_new_tokens gets past it.
+    text_messages = [{"role": "user", "content": "What is the capital of France?"}]
+    text = processor.apply_chat_template(text_messages, add_generation_prompt=True)
+    inputs = processor(text=text, return_tensors="pt")
+    generated = model.generate(**inputs, max_new_tokens=12, min_new_tokens=8, do_sample=False)
+    assert "Paris" in processor.decode(generated[0, inputs["input_ids"].shape[1] :])
+
+
+@pytest.mark.slow
+def test_vision_tower_is_the_seeded_init_and_lm_head_is_tied(default_model_dir: Path):
+    config = Idefics3Config.from_pretrained(default_model_dir)
+    with safe_open(default_model_dir / "model.safetensors", framework="pt") as saved:
+        embeddings = saved.get_tensor("model.text_model.embed_tokens.weight")
+        expected = random_vision_weights(config, embeddings[:SMOLLM2_VOCAB_SIZE].float().std().item())
+        assert "lm_head.weight" not in saved.keys()
+        for name, tensor in expected.items():
+            stored = saved.get_tensor(f"model.{name}")
+            if name.startswith("vision_model."):
+                assert torch.equal(stored, tensor.to(torch.bfloat16)), name
+            else:  # the connector's std comes from the float32 embeddings, recomputed here from bfloat16 ones
+                torch.testing.assert_close(stored.float(), tensor, rtol=2e-2, atol=1e-4)
