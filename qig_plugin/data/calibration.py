@@ -142,7 +142,8 @@ def build_calibration_dataset(
         loss_mask: ``[seq_i]`` float, 1.0 for real tokens and 0.0 for padding (rows are unpadded, so 0.0 appears
         only where the tokenizer marks padding). With ``mask_system_prompt=True`` it is also 0.0 for the
         chat-template tokens before the user's content, that is everything the template renders before the
-        record's image (or prompt, for an image-less record): ``<|im_start|>User:`` with the SmolVLM template.
+        record's image (or prompt, for an image-less record): with the default model's ChatML template, the system
+        turn and ``<|im_start|>user\n``.
     Image columns are present only if the records have images; records with and without images cannot be mixed,
     because every row must have the same columns.
 
@@ -186,7 +187,7 @@ def build_calibration_dataset(
         loss_mask = attention_mask.astype(np.float32)
         if mask_system_prompt:
             content_start = text.index("<image>" if image is not None else record.prompt)
-            prefix_ids = tokenizer(text[:content_start].rstrip(), add_special_tokens=False)["input_ids"]
+            prefix_ids = tokenizer(text[:content_start], add_special_tokens=False)["input_ids"]
             if list(input_ids[: len(prefix_ids)]) != list(prefix_ids):
                 raise RuntimeError(f"{_describe(index, record)}: the template prefix does not tokenize separately")
             loss_mask[: len(prefix_ids)] = 0.0

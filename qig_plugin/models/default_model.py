@@ -53,23 +53,24 @@ END_OF_UTTERANCE_TOKEN = "<end_of_utterance>"
 ROW_COL_TOKENS = [f"<row_{row}_col_{col}>" for row in range(1, 7) for col in range(1, 7)]
 IDEFICS3_SPECIAL_TOKENS = [FAKE_IMAGE_TOKEN, IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN, END_OF_UTTERANCE_TOKEN, *ROW_COL_TOKENS]
 
-# SmolVLM's template, extended to accept plain-string contents:
-# "<|im_start|>User:<image>Describe it.<end_of_utterance>\nAssistant: A cat.<end_of_utterance>\n"
+# SmolLM2-Instruct's own ChatML template (the text model is real and was trained on it),
+# with SmolVLM's image part rendered as "<image>", which the processor expands:
+# "<|im_start|>system\n...<|im_end|>\n<|im_start|>user\n<image>Describe it.<|im_end|>\n<|im_start|>assistant\n"
+DEFAULT_SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 CHAT_TEMPLATE = (
-    "<|im_start|>"
     "{% for message in messages %}"
-    "{{ message['role'] | capitalize }}"
-    "{% if message['content'] is string %}"
-    "{{ ': ' + message['content'] }}"
-    "{% else %}"
-    "{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\n" + DEFAULT_SYSTEM_PROMPT + "<|im_end|>\\n' }}"
+    "{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
     "{% for part in message['content'] %}"
     "{% if part['type'] == 'text' %}{{ part['text'] }}{% elif part['type'] == 'image' %}{{ '<image>' }}{% endif %}"
     "{% endfor %}"
     "{% endif %}"
-    "<end_of_utterance>\n"
+    "{{ '<|im_end|>\\n' }}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
 # Files whose presence marks a finished build (config, weights, tokenizer, processor).
@@ -116,12 +117,12 @@ def _add_idefics3_tokens(tokenizer: PreTrainedTokenizerBase) -> None:
     """Add the Idefics3 special tokens and fix the GGUF conversion's special-token roles.
 
     The GGUF metadata says bos=1 (``<|im_start|>``) and eos=2 (``<|im_end|>``), but the converted tokenizer
-    labels ``<|im_start|>`` as eos. As in SmolVLM: bos ``<|im_start|>``, eos ``<end_of_utterance>``,
-    pad ``<|im_end|>``.
+    labels ``<|im_start|>`` as eos. As SmolLM2-Instruct (whose ChatML turns end in ``<|im_end|>``): bos
+    ``<|im_start|>``, eos and pad ``<|im_end|>``.
     """
     tokenizer.add_special_tokens({"additional_special_tokens": IDEFICS3_SPECIAL_TOKENS})
     tokenizer.bos_token = "<|im_start|>"
-    tokenizer.eos_token = END_OF_UTTERANCE_TOKEN
+    tokenizer.eos_token = "<|im_end|>"
     tokenizer.pad_token = "<|im_end|>"
     tokenizer.chat_template = CHAT_TEMPLATE
 

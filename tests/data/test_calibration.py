@@ -14,7 +14,10 @@ import torch
 from PIL import Image
 
 from qig_plugin.data import CalibrationRecord, batch_one_collator, build_calibration_dataset, shipped_records
+from qig_plugin.models.default_model import DEFAULT_SYSTEM_PROMPT
 from tests.tiny_models import TINY_IDEFICS3_IMAGE_SEQ_LEN, TINY_VOCAB_SIZE, tiny_idefics3, tiny_llava, tiny_qwen2_5_vl
+
+TEMPLATE_PREFIX = f"<|im_start|>system\n{DEFAULT_SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n"
 
 
 @pytest.fixture(scope="module")
@@ -103,8 +106,8 @@ def test_rows_are_the_chat_template_with_the_answer_as_assistant_turn(tiny):
     dataset = build_calibration_dataset(records, tiny.processor)
     for record, row in zip(records, dataset):
         text = tiny.processor.tokenizer.decode(row["input_ids"])
-        assert text.startswith("<|im_start|>User:<fake_token_around_image><global-img><image>")
-        assert text.endswith(f"{record.prompt}<end_of_utterance>\nAssistant: {record.answer}<end_of_utterance>\n")
+        assert text.startswith(f"{TEMPLATE_PREFIX}<fake_token_around_image><global-img><image>")
+        assert text.endswith(f"{record.prompt}<|im_end|>\n<|im_start|>assistant\n{record.answer}<|im_end|>\n")
 
 
 def test_loss_mask_is_one_for_every_real_token_by_default(tiny):
@@ -119,7 +122,7 @@ def test_mask_system_prompt_zeroes_exactly_the_template_tokens_before_the_user_c
         loss_mask = np.asarray(row["loss_mask"])
         masked_count = int((loss_mask == 0).sum())
         assert masked_count > 0 and (loss_mask[:masked_count] == 0).all() and (loss_mask[masked_count:] == 1).all()
-        assert tiny.processor.tokenizer.decode(row["input_ids"][:masked_count]) == "<|im_start|>User:"
+        assert tiny.processor.tokenizer.decode(row["input_ids"][:masked_count]) == TEMPLATE_PREFIX
         assert row["input_ids"][masked_count] == tiny.processor.tokenizer.convert_tokens_to_ids(
             "<fake_token_around_image>"
         )
@@ -128,7 +131,8 @@ def test_mask_system_prompt_zeroes_exactly_the_template_tokens_before_the_user_c
 def test_truncation_cuts_the_answer_but_never_image_tokens(tiny):
     record = shipped_records("calibration")[2]
     full_length = len(build_calibration_dataset([record], tiny.processor)[0]["input_ids"])
-    image_end = 1 + 3 + 2 + TINY_IDEFICS3_IMAGE_SEQ_LEN  # "<|im_start|>User:" then fake, global, images, fake
+    prefix_length = len(tiny.processor.tokenizer(TEMPLATE_PREFIX, add_special_tokens=False)["input_ids"])
+    image_end = prefix_length + 2 + TINY_IDEFICS3_IMAGE_SEQ_LEN + 1  # template prefix, fake, global, images, fake
     truncated = build_calibration_dataset([record], tiny.processor, max_length=image_end + 5)[0]
     assert full_length > image_end + 5
     assert len(truncated["input_ids"]) == len(truncated["loss_mask"]) == image_end + 5
