@@ -13,7 +13,7 @@ import importlib.machinery
 import sys
 
 FACTORY_MODULE = "llmcompressor.modifiers.factory"
-QIG_MODIFIER_NAMES = ("QIGGPTQModifier",)
+QIG_MODIFIER_NAMES = ("QIGGPTQModifier", "QIGAWQModifier", "QIGSmoothQuantModifier", "MBQModifier")
 
 
 def missing_plugin_error(name: str) -> ValueError:

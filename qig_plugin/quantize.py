@@ -1,9 +1,9 @@
 """One call from a loaded VLM and a recipe to a complete compressed-tensors checkpoint.
 
 ``quantize_to_checkpoint`` runs llm-compressor's real ``oneshot`` with the sequential
-pipeline over the text decoder layers, then saves the compressed model and its processor
-to a temporary sibling of the output folder and renames it: the output folder appears
-only when the checkpoint is complete.
+pipeline over the text decoder layers (stopping at the first NaN/Inf activation), then
+saves the compressed model and its processor to a temporary sibling of the output folder
+and renames it: the output folder appears only when the checkpoint is complete.
 """
 
 import shutil
@@ -18,6 +18,7 @@ from llmcompressor import oneshot
 
 import qig_plugin  # noqa: F401  (registers the QIG modifiers before the recipe is parsed)
 from qig_plugin.data import batch_one_collator
+from qig_plugin.validation import finite_activations
 
 VISION_NAME_PARTS = ("vision", "visual", "connector", "projector")
 
@@ -32,14 +33,14 @@ class QuantizeReport:
     size_bytes: int
 
 
-def decoder_layer_class(model: torch.nn.Module) -> str:
-    """Class name of the language model's decoder layers (the sequential targets).
+def decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
+    """The language model's decoder layers and their name in ``model``.
 
     The decoder layers are the longest ``ModuleList`` outside the vision tower and the
     projector whose blocks hold both ``self_attn`` and ``mlp``.
     """
     candidates = [
-        (len(modules), type(modules[0]).__name__)
+        (len(modules), name, modules)
         for name, modules in model.named_modules()
         if isinstance(modules, torch.nn.ModuleList)
         and len(modules) > 0
@@ -52,7 +53,13 @@ def decoder_layer_class(model: torch.nn.Module) -> str:
             f"could not find the text decoder layers of {type(model).__name__}: no ModuleList of "
             "blocks with self_attn and mlp outside the vision tower; pass sequential_targets"
         )
-    return max(candidates)[1]
+    _, name, modules = max(candidates, key=lambda candidate: candidate[0])
+    return name, modules
+
+
+def decoder_layer_class(model: torch.nn.Module) -> str:
+    """Class name of the language model's decoder layers (the sequential targets)."""
+    return type(decoder_layers(model)[1][0]).__name__
 
 
 def _folder_size(folder: Path) -> int:
@@ -85,17 +92,19 @@ def quantize_to_checkpoint(
     if len(dataset) == 0:
         raise ValueError("the calibration dataset is empty: give at least one sample")
 
+    layers_name, layers = decoder_layers(model)
     start = time.perf_counter()
-    oneshot(
-        model=model,
-        processor=processor,
-        dataset=dataset,
-        recipe=str(recipe),
-        num_calibration_samples=len(dataset),
-        data_collator=batch_one_collator,
-        sequential_targets=sequential_targets or [decoder_layer_class(model)],
-        pipeline="sequential",
-    )
+    with finite_activations(layers, layers_name):
+        oneshot(
+            model=model,
+            processor=processor,
+            dataset=dataset,
+            recipe=str(recipe),
+            num_calibration_samples=len(dataset),
+            data_collator=batch_one_collator,
+            sequential_targets=sequential_targets or [decoder_layer_class(model)],
+            pipeline="sequential",
+        )
     calibration_s = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -104,6 +113,8 @@ def quantize_to_checkpoint(
     try:
         model.save_pretrained(staging, save_compressed=True)
         processor.save_pretrained(staging)
+        if hasattr(processor, "image_processor"):  # preprocessor_config.json, which vLLM and load_processor read
+            processor.image_processor.save_pretrained(staging)
         if output_dir.exists():
             shutil.rmtree(output_dir)
         staging.rename(output_dir)

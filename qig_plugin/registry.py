@@ -7,9 +7,9 @@ clears the "add `import qig_plugin`" errors that :mod:`qig_plugin_recipe_hint` p
 
 from llmcompressor.modifiers.factory import ModifierFactory
 
-from qig_plugin.modifiers import QIGGPTQModifier
+from qig_plugin.modifiers import MBQModifier, QIGAWQModifier, QIGGPTQModifier, QIGSmoothQuantModifier
 
-PLUGIN_MODIFIERS = (QIGGPTQModifier,)
+PLUGIN_MODIFIERS = (QIGGPTQModifier, QIGAWQModifier, QIGSmoothQuantModifier, MBQModifier)
 
 
 def register_modifiers() -> None:

@@ -1,5 +1,8 @@
 """Thin llm-compressor modifiers that feed QIG token weights into stock calibration."""
 
+from qig_plugin.modifiers.mbq import MBQModifier
+from qig_plugin.modifiers.qig_awq import QIGAWQModifier
 from qig_plugin.modifiers.qig_gptq import QIGGPTQModifier
+from qig_plugin.modifiers.qig_smoothquant import QIGSmoothQuantModifier
 
-__all__ = ["QIGGPTQModifier"]
+__all__ = ["MBQModifier", "QIGAWQModifier", "QIGGPTQModifier", "QIGSmoothQuantModifier"]

@@ -34,10 +34,6 @@ class SubLayerGroup:
     weight_args: dict[torch.nn.Module, QuantizationArgs]
     input_args: QuantizationArgs | None
 
-    @property
-    def is_single_linear(self) -> bool:
-        return isinstance(self.block, torch.nn.Linear)
-
 
 def _make_group(
     model: torch.nn.Module, names: list[str], block_name: str, targeted: set[torch.nn.Module]

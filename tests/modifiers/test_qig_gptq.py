@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 import qig_plugin  # noqa: F401  (registers the modifiers)
 from qig_plugin.modifiers import QIGGPTQModifier
 from qig_plugin.modifiers.groups import resolve_groups
-from qig_plugin.modifiers.qig_gptq import _attendable_tokens
+from qig_plugin.modifiers.block_attribution import attendable_tokens as _attendable_tokens
 from tests.modifiers.tiny_llama import load_tiny_llama, random_token_dataset, tiny_tokenizer
 
 SCHEME = {"targets": ["Linear"], "scheme": "W4A16", "ignore": ["lm_head"]}

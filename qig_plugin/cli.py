@@ -1,0 +1,337 @@
+"""qig: quantize a vision-language model with QIG, picture its token weights, serve the result.
+
+Exit codes: 0 done; 1 the work failed (see the message); 2 bad usage or bad input, nothing written.
+Inputs are checked before any model is loaded or any file is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import traceback
+from pathlib import Path
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_BAD_INPUT = 2
+
+SCHEMES = ("W4A16", "W3A16", "W4A8", "W8A8")
+METHODS = {"qig-gptq": "qig_gptq", "gptq": "gptq"}
+DEFAULT_SAMPLES = 16
+
+QUANTIZE_EXAMPLES = """examples:
+  qig quantize ~/.cache/qig-plugin/smolvlm-smollm2-135m-random-vision --scheme W8A8 --output out/w8a8
+  qig quantize MODEL --scheme W4A16 --method gptq --samples 32 --output out/gptq-w4a16
+  qig quantize MODEL --recipe recipes/qig_gptq_w4a8.yaml --data my_records.jsonl --output out/w4a8
+  qig quantize MODEL --scheme W3A16 --allow-unservable --output out/w3a16   # for a GPU server
+
+--scheme picks recipes/<method>_<scheme>.yaml, the group-128 (_g128) variant when the model's
+width is a multiple of 128. --data takes a .json list or .jsonl of
+{"image": "photo.jpg" | null, "prompt": "...", "answer": "..."} records (image paths relative to
+the file), or a datasets folder (save_to_disk) of such columns or of tokenized rows.
+"""
+
+EXPLAIN_EXAMPLES = """examples:
+  qig explain MODEL --image photo.jpg --prompt "What is in this picture?" --output weights.png
+  qig explain MODEL --image photo.jpg --prompt "Caption it." --answer "A cat." --layers 0 29 --scheme W8A8
+
+The picture shows, per chosen layer, the weights of the attention (q/k/v) and MLP (gate/up) groups
+over the image patches and the text tokens, and for every layer how the weight mass splits between
+vision, prompt and answer tokens.
+"""
+
+SERVE_EXAMPLES = """examples:
+  qig serve out/w8a8                          # http://127.0.0.1:8000/v1 (OpenAI-compatible)
+  qig serve out/w8a8 --port 9000 -- --max-model-len 2048   # after --: options for `vllm serve`
+
+Runs in the serve environment ($QIG_SERVE_PYTHON, default .venvs/serve/bin/python).
+"""
+
+GENERATE_EXAMPLES = """examples:
+  qig generate out/w8a8 --image photo.jpg --prompt "Describe this image." --max-tokens 32
+  qig generate out/w8a8 --prompt "What is the capital of France?"
+"""
+
+
+def _model_reference(reference: str, trust_remote_code: bool) -> str | Path:
+    """A checked local folder, or a hub id (checked when it is downloaded)."""
+    from qig_plugin.validation import check_model_folder, is_hub_id
+
+    if is_hub_id(reference):
+        return reference
+    model_dir = Path(reference).expanduser()
+    check_model_folder(model_dir, trust_remote_code=trust_remote_code)
+    return model_dir
+
+
+def _model_config(model: str | Path, trust_remote_code: bool) -> dict:
+    from qig_plugin.validation import read_config
+
+    if isinstance(model, Path):
+        return read_config(model)
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code).to_dict()
+
+
+def _recipe_path(args: argparse.Namespace, config: dict) -> Path:
+    """``--recipe``, or the shipped recipe for ``--scheme`` and ``--method`` at the model's width."""
+    if args.recipe is not None:
+        return args.recipe
+    from qig_plugin.serve_env import REPO_ROOT
+    from qig_plugin.validation import text_hidden_size
+
+    suffix = "_g128" if args.scheme != "W8A8" and text_hidden_size(config) % 128 == 0 else ""
+    return REPO_ROOT / "recipes" / f"{METHODS[args.method]}_{args.scheme.lower()}{suffix}.yaml"
+
+
+def _load_model_and_processor(model: str | Path, config: dict, trust_remote_code: bool):
+    """The model in float32 and its processor; only safetensors weights are read."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from qig_plugin.models import load_processor
+
+    if config.get("model_type") == "idefics3":  # the offline path: no torchvision needed
+        processor = load_processor(model) if isinstance(model, Path) else AutoProcessor.from_pretrained(model)
+    else:
+        processor = AutoProcessor.from_pretrained(model, trust_remote_code=trust_remote_code)
+    loaded = AutoModelForImageTextToText.from_pretrained(
+        model, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
+    )
+    return loaded.eval(), processor
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.glob("*.safetensors"))
+
+
+def quantize_command(args: argparse.Namespace) -> int:
+    """Check every input, calibrate, write the checkpoint, print a summary."""
+    from qig_plugin.serving import cpu_serving_support
+    from qig_plugin.validation import (
+        check_output_folder,
+        check_servable,
+        check_tokenized_dataset,
+        load_calibration_source,
+        load_recipe_modifiers,
+        recipe_scheme,
+    )
+
+    model = _model_reference(args.model, args.trust_remote_code)
+    config = _model_config(model, args.trust_remote_code)
+    recipe = _recipe_path(args, config)
+    scheme = recipe_scheme(load_recipe_modifiers(recipe))
+    if not args.allow_unservable:
+        check_servable(scheme, cpu_serving_support())
+    check_output_folder(args.output, overwrite=args.overwrite)
+    source = load_calibration_source(args.data) if args.data is not None else None
+
+    from transformers import set_seed
+
+    from qig_plugin.data import build_calibration_dataset, shipped_records
+    from qig_plugin.quantize import quantize_to_checkpoint
+
+    print(f"[qig] model {model}\n[qig] recipe {recipe} ({scheme})", flush=True)
+    start = time.perf_counter()
+    loaded, processor = _load_model_and_processor(model, config, args.trust_remote_code)
+    if source is None or isinstance(source, list):
+        records = source if source is not None else shipped_records("calibration")
+        print(f"[qig] calibration: {min(args.samples, len(records))} of {len(records)} records "
+              f"from {args.data or 'the shipped set'}", flush=True)
+        dataset = build_calibration_dataset(records[: args.samples], processor, max_length=args.max_length)
+    else:
+        dataset = source.select(range(min(args.samples, len(source))))
+    check_tokenized_dataset(dataset, str(args.data or "the shipped set"))
+
+    set_seed(args.seed)
+    report = quantize_to_checkpoint(loaded, processor, recipe, dataset, args.output, overwrite=args.overwrite)
+    size_before = f"{_folder_bytes(model) / 1e6:.0f} MB" if isinstance(model, Path) else "unknown (hub model)"
+    print(
+        f"\n[qig] wrote {report.output_dir}\n"
+        f"  scheme       {scheme} ({recipe.name})\n"
+        f"  samples      {len(dataset)}\n"
+        f"  weights      {size_before} -> {_folder_bytes(report.output_dir) / 1e6:.0f} MB\n"
+        f"  time         {time.perf_counter() - start:.1f} s (calibration {report.calibration_s:.1f} s, "
+        f"save {report.save_s:.1f} s)\n"
+        f"  serve it     qig serve {report.output_dir}"
+    )
+    return EXIT_OK
+
+
+def explain_command(args: argparse.Namespace) -> int:
+    """Check the inputs, compute one sample's QIG token weights, write the PNG."""
+    from qig_plugin.validation import InputError, check_output_folder, load_image, load_recipe_modifiers
+
+    model = _model_reference(args.model, args.trust_remote_code)
+    config = _model_config(model, args.trust_remote_code)
+    modifiers = load_recipe_modifiers(_recipe_path(args, config))
+    image = load_image(args.image, "--image")
+    if args.output.suffix.lower() != ".png":
+        raise InputError(f"--output {args.output} must end in .png")
+    check_output_folder(args.output, overwrite=args.overwrite)
+
+    modifier = modifiers[0]
+    group = next(iter(modifier.resolve_quantization_config().config_groups.values()))
+    steps = getattr(modifier, "qig_steps", 8)
+    iqr_k = getattr(modifier, "qig_iqr_k", 1.5) if getattr(modifier, "qig_iqr_clip", True) else None
+
+    from qig_plugin.data import CalibrationRecord
+    from qig_plugin.explain import explain_sample, plot_explanation
+    from qig_plugin.quantize import decoder_layers
+
+    loaded, processor = _load_model_and_processor(model, config, args.trust_remote_code)
+    num_layers = len(decoder_layers(loaded)[1])
+    layers = args.layers if args.layers is not None else sorted({0, num_layers // 2, num_layers - 1})
+    bad_layers = [layer for layer in layers if not 0 <= layer < num_layers]
+    if bad_layers:
+        raise InputError(f"--layers {bad_layers} out of range: the model has decoder layers 0..{num_layers - 1}")
+
+    start = time.perf_counter()
+    explanation = explain_sample(
+        loaded, processor, CalibrationRecord(image, args.prompt, args.answer), group.weights, steps=steps, iqr_k=iqr_k
+    )
+    title = f"QIG token weights, {Path(str(model)).name}, W{group.weights.num_bits} grid: {args.prompt!r}"
+    plot_explanation(explanation, layers, args.output, title)
+    print(f"[qig] wrote {args.output} ({len(explanation.tokens)} tokens, {num_layers} layers, "
+          f"{time.perf_counter() - start:.1f} s)")
+    for layer in layers:
+        for group_name in ("attention", "mlp"):
+            mass = explanation.mass_by_role(layer, group_name)
+            print(f"  layer {layer:3d} {group_name:9s} " + "  ".join(f"{role} {share:5.1%}" for role, share in mass.items()))
+    return EXIT_OK
+
+
+def _checkpoint_folder(path: Path) -> Path:
+    from qig_plugin.validation import InputError
+
+    if not (path / "config.json").is_file():
+        raise InputError(f"{path} is not a checkpoint folder (no config.json); pass the --output of `qig quantize`")
+    return path
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    """``vllm serve`` in the serve environment, in the foreground; its exit code is returned."""
+    import subprocess
+
+    from qig_plugin.serve_env import serve_python
+
+    checkpoint = _checkpoint_folder(args.checkpoint)
+    command = [str(serve_python()), "-m", "vllm.entrypoints.cli.main", "serve", str(checkpoint),
+               "--host", args.host, "--port", str(args.port), *args.vllm_args]
+    print(f"[qig] serving {checkpoint} at http://{args.host}:{args.port}/v1 (Ctrl-C stops)", flush=True)
+    return EXIT_OK if subprocess.call(command) == 0 else EXIT_FAILURE
+
+
+def generate_command(args: argparse.Namespace) -> int:
+    """Offline greedy generation with vLLM in the serve environment."""
+    from qig_plugin.serve_env import run_in_serve_env
+    from qig_plugin.validation import load_image
+
+    checkpoint = _checkpoint_folder(args.checkpoint)
+    command = ["generate", str(checkpoint), "--prompt", args.prompt, "--max-tokens", str(args.max_tokens)]
+    if args.image is not None:
+        load_image(args.image, "--image")  # fail here, not after vLLM has loaded
+        command += ["--image", str(args.image)]
+    completed = run_in_serve_env(command)
+    sys.stdout.write(completed.stdout)
+    if completed.returncode != 0:
+        sys.stderr.write(completed.stderr[-4000:])
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="local model folder (safetensors + processor files) or a hub id")
+    recipe = parser.add_mutually_exclusive_group()
+    recipe.add_argument("--recipe", type=Path, help="recipe YAML (nested *_stage/*_modifiers form)")
+    recipe.add_argument("--scheme", choices=SCHEMES, type=str.upper, help="use the shipped recipe of this scheme")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``qig`` argument parser with its four commands."""
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="qig", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n")[1],
+                                     formatter_class=formatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    quantize = commands.add_parser("quantize", help="QIG-GPTQ (or GPTQ) a model into a vLLM checkpoint",
+                                   epilog=QUANTIZE_EXAMPLES, formatter_class=formatter)
+    _add_model_options(quantize)
+    quantize.add_argument("--method", choices=tuple(METHODS), default="qig-gptq", help="with --scheme (default qig-gptq)")
+    quantize.add_argument("--output", type=Path, required=True, help="checkpoint folder to create")
+    quantize.add_argument("--data", type=Path, help="calibration records (.json/.jsonl/datasets folder); default: shipped set")
+    quantize.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help=f"calibration samples (default {DEFAULT_SAMPLES})")
+    quantize.add_argument("--max-length", type=int, default=512, help="tokens per sample (default 512)")
+    quantize.add_argument("--seed", type=int, default=0, help="seed of the sample order (default 0)")
+    quantize.add_argument("--allow-unservable", action="store_true",
+                          help="quantize even if vLLM on this CPU cannot serve the scheme")
+    quantize.set_defaults(run=quantize_command)
+
+    explain = commands.add_parser("explain", help="picture QIG token weights of one sample as a PNG",
+                                  epilog=EXPLAIN_EXAMPLES, formatter_class=formatter)
+    _add_model_options(explain)
+    explain.set_defaults(scheme="W4A16", method="qig-gptq")
+    explain.add_argument("--image", type=Path, required=True, help="image file")
+    explain.add_argument("--prompt", required=True, help="the user's prompt")
+    explain.add_argument("--answer", default="", help="the assistant's answer (weighted too)")
+    explain.add_argument("--layers", type=int, nargs="+", help="decoder layers to draw (default first, middle, last)")
+    explain.add_argument("--output", type=Path, default=Path("qig-explain.png"), help="PNG to write")
+    explain.set_defaults(run=explain_command)
+
+    serve = commands.add_parser("serve", help="vLLM's OpenAI-compatible server for a checkpoint",
+                                epilog=SERVE_EXAMPLES, formatter_class=formatter)
+    serve.add_argument("checkpoint", type=Path, help="checkpoint folder from `qig quantize`")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.set_defaults(run=serve_command)
+
+    generate = commands.add_parser("generate", help="greedy generation with vLLM from a checkpoint",
+                                   epilog=GENERATE_EXAMPLES, formatter_class=formatter)
+    generate.add_argument("checkpoint", type=Path, help="checkpoint folder from `qig quantize`")
+    generate.add_argument("--image", type=Path, help="image file to attach")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--max-tokens", type=int, default=32)
+    generate.set_defaults(run=generate_command)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``qig``; returns the exit code (0 ok, 1 failure, 2 bad usage or input)."""
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    split = argv.index("--") if "--" in argv else len(argv)
+    own_args, passthrough = argv[:split], argv[split + 1 :]  # `qig serve DIR -- <vllm serve options>`
+    try:
+        args = parser.parse_args(own_args)
+        if passthrough and args.command != "serve":
+            parser.error(f"only `qig serve` passes options after --, got {' '.join(passthrough)}")
+        args.vllm_args = passthrough
+    except SystemExit as exit_:  # --help (0) or a usage error (2, message already printed)
+        return int(exit_.code or 0)
+
+    from qig_plugin.serve_env import ServeEnvMissingError
+    from qig_plugin.validation import InputError
+
+    try:
+        return args.run(args)
+    except (InputError, FloatingPointError) as error:
+        print(f"qig {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ServeEnvMissingError as error:
+        print(f"qig {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print(f"qig {args.command}: interrupted; no output was left behind", file=sys.stderr)
+        return EXIT_FAILURE
+    except Exception as error:  # noqa: BLE001 - any other failure: traceback, then one line
+        traceback.print_exc()
+        print(f"qig {args.command}: failed: {type(error).__name__}: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""``QIGAWQModifier``: AWQ whose scale search weights every calibration token by QIG.
+
+For each mapping (input-norm -> q/k/v, v -> o where shapes allow, post-norm -> gate/up,
+up -> down) the QIG weight ``lambda`` (``[batch, seq]``, mean 1 over each sample's kept
+tokens) is computed through the mapping's parent block (attention, the MLP, or the
+balance linear itself) on every cached calibration batch, right before that mapping's
+grid search, and the search minimizes ``sum_t lambda_t e_t / sum_t lambda_t``.
+"""
+
+import torch
+from llmcompressor.modifiers.transform.awq.mappings import ResolvedMapping
+
+from qig_plugin.modifiers.block_attribution import QIGAttribution, quantized_linears
+from qig_plugin.modifiers.weighted_awq import TokenWeightedAWQModifier
+
+__all__ = ["QIGAWQModifier"]
+
+
+class QIGAWQModifier(QIGAttribution, TokenWeightedAWQModifier):
+    """AWQ with QIG token weights in the search loss. Takes every ``AWQModifier`` field,
+    ``loss_mode`` (``"mae"`` default, as the QIG reference, or ``"mse"``) and the ``qig_*``
+    fields of :class:`~qig_plugin.modifiers.block_attribution.QIGAttribution`.
+
+    ``Q(W)`` in the attribution quantizes every targeted linear of the parent block with
+    the following quantization stage's weight scheme (RTN); the path starts at zero (the
+    reference's weight-only baseline; AWQ's own search quantizes weights only).
+    Needs a ``QuantizationModifier`` or ``GPTQModifier`` after it, like stock AWQ.
+    """
+
+    def _mapping_token_weights(
+        self, mapping: ResolvedMapping, keeps: list[torch.Tensor | None]
+    ) -> list[torch.Tensor]:
+        weight_args = quantized_linears(mapping.parent)
+        batches = self._parent_args_cache[mapping.parent]
+        if len(batches) != len(keeps):
+            raise RuntimeError(
+                f"{mapping.parent_name}: {len(batches)} cached batches but {len(keeps)} token masks"
+            )
+        return [
+            self._token_weights(self._block_scores(mapping.parent, weight_args, (), kwargs), keep)
+            for kwargs, keep in zip(batches, keeps)
+        ]

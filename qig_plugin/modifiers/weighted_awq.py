@@ -1,0 +1,130 @@
+"""``TokenWeightedAWQModifier``: llm-compressor's AWQ search with a per-token weighted loss.
+
+Stock AWQ picks, per mapping, the scale ``s = x_mean^alpha`` whose ``Q(W s) / s`` block
+output is closest to the full-precision one, by an unweighted MSE over tokens. Here the
+loss is ``sum_t lambda_t e_t / (H sum_t lambda_t)`` (MAE or MSE per element), ``lambda``
+(``[batch, seq]`` per cached batch) comes from the subclass's one seam,
+``_mapping_token_weights``, and padding counts neither in the loss nor in ``x_mean``.
+Everything else (grid, duo scaling, folding, the following quantization stage) is stock.
+"""
+
+from functools import partial
+
+import torch
+from llmcompressor.core import Event, State
+from llmcompressor.modifiers.transform.awq import AWQModifier
+from llmcompressor.modifiers.transform.awq.dynamic_mappings import get_layer_mappings_from_model
+from llmcompressor.modifiers.transform.awq.mappings import AWQMapping, ResolvedMapping
+from pydantic import PrivateAttr
+
+from qig_plugin.attribution.weighted_calibration import (
+    LossMode,
+    masked_channel_abs_sum,
+    weighted_reconstruction_error,
+)
+from qig_plugin.modifiers.block_attribution import TokenMasking, block_input
+from qig_plugin.modifiers.language_model import language_model_name, scope_to_language_model
+
+__all__ = ["TokenWeightedAWQModifier"]
+
+
+class TokenWeightedAWQModifier(TokenMasking, AWQModifier):
+    """AWQ with token weights in the grid-search loss. Takes every ``AWQModifier`` field, plus:
+
+    :param loss_mode: ``"mae"`` (the QIG and MBQ references) or ``"mse"`` (stock AWQ)
+
+    Without ``mappings``, the model's default AWQ mappings are scoped to its language
+    model, so a VLM's vision tower never matches. On CPU-only torch, the cached batches
+    are not pinned (llm-compressor 0.14.0.1 pins unconditionally and fails there).
+    """
+
+    loss_mode: LossMode = "mae"
+
+    # per mapping parent: each calibration batch's kept tokens [batch, seq] (None: all)
+    _token_keeps: dict[torch.nn.Module, list[torch.Tensor | None]] = PrivateAttr(default_factory=dict)
+    # per smooth layer: [sum |x| over kept tokens [hidden], kept-token count]
+    _kept_activation_stats: dict[str, list[torch.Tensor]] = PrivateAttr(default_factory=dict)
+    # the weights [batch, seq] of each cached batch of the mapping being searched
+    _loss_weights: list[torch.Tensor] | None = PrivateAttr(default=None)
+
+    def _mapping_token_weights(
+        self, mapping: ResolvedMapping, keeps: list[torch.Tensor | None]
+    ) -> list[torch.Tensor]:
+        """Token weights ``[batch, seq]`` of each cached batch of ``mapping.parent``.
+
+        :param mapping: the mapping about to be searched; its cached parent kwargs are
+            ``self._parent_args_cache[mapping.parent]``, in calibration-batch order
+        :param keeps: per batch, the tokens that count ``[batch, seq]`` (None: all);
+            masked tokens must get weight 0
+        """
+        raise NotImplementedError(f"{type(self).__name__} must define _mapping_token_weights")
+
+    def on_initialize(self, state: State, **kwargs) -> bool:
+        if self.mappings is None:
+            prefix = language_model_name(state.model)
+            self.mappings = [
+                AWQMapping(
+                    scope_to_language_model(m.smooth_layer, prefix),
+                    [scope_to_language_model(b, prefix) for b in m.balance_layers],
+                    activation_hook_target=m.activation_hook_target,
+                )
+                for m in get_layer_mappings_from_model(state.model)
+            ]
+        return super().on_initialize(state, **kwargs)
+
+    def on_calibration_start(self, state: State, event: Event, **kwargs):
+        super().on_calibration_start(state, event, **kwargs)
+        for mapping in self._resolved_mappings:
+            if mapping.parent not in self._token_keeps:
+                self._token_keeps[mapping.parent] = []
+                self.register_hook(
+                    mapping.parent, partial(self._record_keep, mapping.parent), "forward_pre", with_kwargs=True
+                )
+            self.register_hook(
+                mapping.activation_hook_target or mapping.balance_layers[0],
+                partial(self._accumulate_kept_activations, mapping),
+                "forward",
+            )
+
+    def on_calibration_end(self, state: State, event: Event, **kwargs):
+        super().on_calibration_end(state, event, **kwargs)
+        self._token_keeps.clear()
+        self._kept_activation_stats.clear()
+        self._qig_token_mask = None
+
+    def _apply_smoothing(self, model: torch.nn.Module) -> None:
+        if not torch.accelerator.is_available():
+            for cache in self._parent_args_cache.values():
+                cache.pin_memory = _skip_pinning
+        super()._apply_smoothing(model)
+
+    def _compute_best_scale(self, mapping: ResolvedMapping, fp16_outputs, orig_layer_weights) -> torch.Tensor:
+        keeps = self._token_keeps.pop(mapping.parent)
+        self._smooth_activation_stats[mapping.smooth_name] = self._kept_activation_stats.pop(mapping.smooth_name)
+        self._loss_weights = self._mapping_token_weights(mapping, keeps)
+        try:
+            return super()._compute_best_scale(mapping, fp16_outputs, orig_layer_weights)
+        finally:
+            self._loss_weights = None
+
+    def _compute_loss(self, fp16_outputs: list[torch.Tensor], int_w_outputs: list[torch.Tensor]) -> float:
+        return weighted_reconstruction_error(fp16_outputs, int_w_outputs, self._loss_weights, self.loss_mode)
+
+    # forward pre-hook of a mapping parent: the kept tokens of this batch
+    def _record_keep(self, parent: torch.nn.Module, _module, args: tuple, kwargs: dict):
+        _, block_in = block_input(args, kwargs)
+        self._token_keeps[parent].append(self._token_mask(block_in, kwargs))
+
+    # forward hook of the hooked balance layer: x_mean's sum and count over kept tokens only
+    def _accumulate_kept_activations(self, mapping: ResolvedMapping, _module, args: tuple, _output):
+        keep = self._token_keeps[mapping.parent][-1]
+        total, count = masked_channel_abs_sum(args[0], keep)
+        stats = self._kept_activation_stats.setdefault(
+            mapping.smooth_name, [torch.zeros_like(total.cpu()), torch.zeros_like(count)]
+        )
+        stats[0] += total.cpu()
+        stats[1] += count
+
+
+def _skip_pinning(batch_index: int, input_names: list[str] | None = None) -> None:
+    """``IntermediatesCache.pin_memory`` for CPU-only torch, where pinning has no target and raises."""

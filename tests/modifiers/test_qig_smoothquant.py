@@ -1,0 +1,66 @@
+import pytest
+import torch
+from llmcompressor import oneshot
+from llmcompressor.modifiers.quantization import QuantizationModifier
+from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
+
+import qig_plugin  # noqa: F401  (registers the modifiers)
+from qig_plugin.modifiers import QIGSmoothQuantModifier
+from tests.modifiers.tiny_llama import load_tiny_llama, random_token_dataset, tiny_tokenizer
+
+SAMPLES = 3
+W8A8 = {"targets": ["Linear"], "scheme": "W8A8", "ignore": ["lm_head"]}
+
+
+def smoothed_norms(model_dir, smoothquant) -> dict[str, torch.Tensor]:
+    """The norm weights after smoothing (SmoothQuant divides each norm by its scales)."""
+    model = load_tiny_llama(model_dir)
+    oneshot(
+        model=model,
+        processor=tiny_tokenizer(),
+        dataset=random_token_dataset(samples=SAMPLES),
+        recipe=[smoothquant, QuantizationModifier(**W8A8)],
+        num_calibration_samples=SAMPLES,
+        max_seq_length=24,
+        pipeline="sequential",
+        shuffle_calibration_samples=False,  # the same batch order in every run
+    )
+    return {
+        name: module.weight.detach().clone()
+        for name, module in model.named_modules()
+        if name.endswith("layernorm")
+    }
+
+
+def test_smoothing_scales_follow_the_token_weights(tiny_llama_dir, monkeypatch):
+    stock = smoothed_norms(tiny_llama_dir, SmoothQuantModifier(smoothing_strength=0.8))
+    qig = smoothed_norms(tiny_llama_dir, QIGSmoothQuantModifier(smoothing_strength=0.8, qig_steps=2))
+
+    calls = []
+    real_token_weights = QIGSmoothQuantModifier._token_weights
+
+    def weights_of_one(self, scores, keep):
+        calls.append(real_token_weights(self, scores, keep))
+        return torch.ones_like(scores)
+
+    monkeypatch.setattr(QIGSmoothQuantModifier, "_token_weights", weights_of_one)
+    ones = smoothed_norms(tiny_llama_dir, QIGSmoothQuantModifier(smoothing_strength=0.8, qig_steps=2))
+
+    assert len(stock) == 4 and len(calls) == SAMPLES * 2 * 2  # samples x layers x (attention, mlp)
+    assert any(w.std() > 0.05 for w in calls)  # the real QIG weights are not uniform
+    assert all(torch.equal(stock[name], ones[name]) for name in stock)  # equal weights: stock scales
+    assert all(not torch.equal(stock[name], qig[name]) for name in stock)  # QIG weights: other scales
+
+
+def test_smoothquant_without_a_quantization_stage_says_add_one(tiny_llama_dir):
+    model = load_tiny_llama(tiny_llama_dir)
+    with pytest.raises(ValueError, match="targeting its linears after it"):
+        oneshot(
+            model=model,
+            processor=tiny_tokenizer(),
+            dataset=random_token_dataset(samples=1),
+            recipe=[QIGSmoothQuantModifier(), QuantizationModifier(targets=["re:.*lm_head"], scheme="W8A8")],
+            num_calibration_samples=1,
+            max_seq_length=24,
+            pipeline="sequential",
+        )

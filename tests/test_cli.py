@@ -1,0 +1,74 @@
+"""``qig`` commands on a tiny Idefics3 (hidden 128, 2 layers): quantize end to end, determinism,
+help texts, and the serve/generate wrappers' checks and commands."""
+
+import json
+import subprocess
+
+import pytest
+from safetensors import safe_open
+
+from qig_plugin.cli import main
+from tests.tiny_vlm_folder import build_tiny_vlm_folder
+
+
+@pytest.fixture(scope="module")
+def tiny_vlm_dir(tmp_path_factory):
+    return build_tiny_vlm_folder(tmp_path_factory.mktemp("tiny_vlm"))
+
+
+def quantize(model_dir, output, seed=0):
+    return main(["quantize", str(model_dir), "--scheme", "W8A8", "--samples", "2", "--seed", str(seed),
+                 "--output", str(output)])
+
+
+@pytest.mark.parametrize("command", ["quantize", "explain", "serve", "generate"])
+def test_every_command_has_help_with_examples(command, capsys):
+    assert main([command, "--help"]) == 0
+    assert f"qig {command}" in capsys.readouterr().out.split("examples:")[1]
+
+
+def test_quantize_writes_a_servable_checkpoint_and_a_summary(tiny_vlm_dir, tmp_path, capsys):
+    assert quantize(tiny_vlm_dir, tmp_path / "w8a8") == 0
+    out = capsys.readouterr().out
+    assert "scheme       W8A8 (qig_gptq_w8a8.yaml)" in out and "samples      2" in out
+    checkpoint = tmp_path / "w8a8"
+    config = json.loads((checkpoint / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    for name in ("tokenizer.json", "preprocessor_config.json", "model.safetensors", "recipe.yaml"):
+        assert (checkpoint / name).is_file(), name
+    assert "QIGGPTQModifier" in (checkpoint / "recipe.yaml").read_text()
+    assert [path.name for path in tmp_path.iterdir()] == ["w8a8"]  # no partial sibling left behind
+
+
+def test_same_inputs_and_seed_give_a_bit_identical_checkpoint(tiny_vlm_dir, tmp_path):
+    assert quantize(tiny_vlm_dir, tmp_path / "first") == 0
+    assert quantize(tiny_vlm_dir, tmp_path / "second") == 0
+    first = (tmp_path / "first" / "model.safetensors").read_bytes()
+    assert first == (tmp_path / "second" / "model.safetensors").read_bytes()
+    with safe_open(tmp_path / "first" / "model.safetensors", "pt") as tensors:
+        assert any(name.endswith("weight_scale") for name in tensors.keys())  # it is really quantized
+
+
+def test_overwrite_replaces_an_existing_checkpoint(tiny_vlm_dir, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "stale.txt").write_text("old")
+    assert main(["quantize", str(tiny_vlm_dir), "--scheme", "W8A8", "--samples", "1", "--overwrite",
+                 "--output", str(tmp_path / "out")]) == 0
+    assert not (tmp_path / "out" / "stale.txt").exists() and (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_serve_starts_vllm_on_loopback(tmp_path, monkeypatch):
+    (tmp_path / "config.json").write_text("{}")
+    calls = []
+    monkeypatch.setattr(subprocess, "call", lambda command: calls.append(command) or 0)
+    monkeypatch.setenv("QIG_SERVE_PYTHON", str(tmp_path / "config.json"))  # any existing file
+    assert main(["serve", str(tmp_path), "--port", "9000", "--", "--max-model-len", "2048"]) == 0
+    (command,) = calls
+    assert command[1:] == ["-m", "vllm.entrypoints.cli.main", "serve", str(tmp_path), "--host", "127.0.0.1",
+                           "--port", "9000", "--max-model-len", "2048"]
+
+
+def test_serve_and_generate_refuse_a_folder_that_is_no_checkpoint(tmp_path, capsys):
+    assert main(["serve", str(tmp_path)]) == 2
+    assert main(["generate", str(tmp_path), "--prompt", "Hi"]) == 2
+    assert capsys.readouterr().err.count("is not a checkpoint folder (no config.json)") == 2

@@ -1,0 +1,79 @@
+"""QIG-SmoothQuant + GPTQ checkpoints (W8A8 and W4A8, from the shipped recipes) served by vLLM on the CPU.
+
+A tiny Llama is quantized here with ``recipes/qig_sq_gptq_{w8a8,w4a8}.yaml`` and both checkpoints are generated
+from by one subprocess in the serve venv: smoothing rescales norms and linears in place, so this checks that the
+result is still a checkpoint vLLM loads with its int8 / int4 kernels and generates from.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from qig_plugin.serve_env import REPO_ROOT, ServeEnvMissingError, run_in_serve_env, serve_python
+from qig_plugin.serving import cpu_serving_support
+
+try:
+    serve_python()
+except ServeEnvMissingError as missing:
+    pytest.skip(f"no serve venv: {missing}", allow_module_level=True)
+
+from tests.test_serving import EXPECTED_KERNELS, PROMPT, SENTENCES, _build_tiny_llama  # noqa: E402
+
+pytestmark = pytest.mark.serve
+
+RECIPES = {"W8A8": "qig_sq_gptq_w8a8.yaml", "W4A8": "qig_sq_gptq_w4a8.yaml"}
+MAX_TOKENS = 6
+
+
+def _quantize(base_dir: Path, recipe: Path, output_dir: Path) -> None:
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    import qig_plugin  # noqa: F401  (registers the modifiers)
+
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    model = LlamaForCausalLM.from_pretrained(base_dir, dtype="bfloat16")
+    encoded = [tokenizer(sentence) for sentence in SENTENCES[:4]]
+    calibration = Dataset.from_dict(
+        {"input_ids": [e["input_ids"] for e in encoded], "attention_mask": [e["attention_mask"] for e in encoded]}
+    )
+    oneshot(model=model, dataset=calibration, recipe=str(recipe), num_calibration_samples=4, max_seq_length=64,
+            pipeline="sequential")
+    model.save_pretrained(output_dir, save_compressed=True)
+    tokenizer.save_pretrained(output_dir)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory) -> dict[str, dict]:
+    pytest.importorskip("llmcompressor")
+    root = tmp_path_factory.mktemp("qig_sq")
+    _build_tiny_llama(root / "bf16")
+    support = cpu_serving_support()
+    checkpoints = {s: root / s for s in RECIPES if support[s] is None}
+    for scheme, checkpoint in checkpoints.items():
+        _quantize(root / "bf16", REPO_ROOT / "recipes" / RECIPES[scheme], checkpoint)
+    results_file = root / "results.json"
+    completed = run_in_serve_env(
+        ["generate", *map(str, checkpoints.values()), "--prompt", PROMPT, "--max-tokens", str(MAX_TOKENS),
+         "--ignore-eos", "--json", str(results_file)],
+        timeout=600,
+    )
+    if not results_file.exists():
+        pytest.fail(f"serving subprocess wrote no results (rc={completed.returncode}):\n{completed.stderr[-3000:]}")
+    results = {Path(r["checkpoint"]).name: r for r in json.loads(results_file.read_text())}
+    return {scheme: results[scheme] for scheme in checkpoints}
+
+
+@pytest.mark.parametrize("scheme", list(RECIPES))
+def test_vllm_generates_from_qig_smoothquant_checkpoint(served, scheme):
+    reason = cpu_serving_support()[scheme]
+    if reason is not None:
+        pytest.skip(f"{scheme} cannot be served on this CPU: {reason}")
+    result = served[scheme]
+    assert "error" not in result, result.get("error")
+    assert len(result["token_ids"]) == MAX_TOKENS and result["text"] != ""
+    assert result["linear_kernels"] == EXPECTED_KERNELS[scheme]
