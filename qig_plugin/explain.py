@@ -158,6 +158,14 @@ def _draw_image(axis, explanation: Explanation, weights: torch.Tensor, norm, col
     axis.imshow(grid, extent=(0, width, height, 0), cmap=colormap, norm=norm, alpha=0.6, interpolation="nearest")
 
 
+# black text on light boxes, white on dark ones (relative luminance of the box colour)
+def _label_colour(box_colour) -> str:
+    from matplotlib.colors import to_rgb
+
+    red, green, blue = to_rgb(box_colour)
+    return "black" if 0.2126 * red + 0.7152 * green + 0.0722 * blue > 0.45 else "white"
+
+
 def _draw_tokens(axis, explanation: Explanation, weights: torch.Tensor, norm, colormap, line_chars: int = 150) -> None:
     """Text tokens as coloured boxes in reading order; the image's patch tokens become one grey chip."""
     axis.set_axis_off()
@@ -177,7 +185,8 @@ def _draw_tokens(axis, explanation: Explanation, weights: torch.Tensor, norm, co
             column, line = 0, line + 1
         axis.text(
             column / line_chars, 1 - line * 0.11, label, family="monospace", fontsize=7, va="top",
-            transform=axis.transAxes, bbox=dict(boxstyle="square,pad=0.1", facecolor=colour, edgecolor="none"),
+            color=_label_colour(colour), transform=axis.transAxes,
+            bbox=dict(boxstyle="square,pad=0.1", facecolor=colour, edgecolor="none"),
         )
         column += width
 
