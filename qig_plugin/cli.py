@@ -179,7 +179,7 @@ def explain_command(args: argparse.Namespace) -> int:
 
     from qig_plugin.data import CalibrationRecord
     from qig_plugin.explain import explain_sample, plot_explanation
-    from qig_plugin.quantize import decoder_layers
+    from qig_plugin.modifiers.language_model import decoder_layers
 
     loaded, processor = _load_model_and_processor(model, config, args.trust_remote_code)
     num_layers = len(decoder_layers(loaded)[1])

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from qig_plugin.data.calibration import IMAGE_PLACEHOLDER_TOKENS, CalibrationRecord, build_calibration_dataset
-from qig_plugin.quantize import decoder_layers
+from qig_plugin.modifiers.language_model import decoder_layers
 
 GROUPS = ("attention", "mlp")
 GROUP_TITLES = {"attention": "attention (q/k/v)", "mlp": "MLP (gate/up)"}

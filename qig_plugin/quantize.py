@@ -18,10 +18,8 @@ from llmcompressor import oneshot
 
 import qig_plugin  # noqa: F401  (registers the QIG modifiers before the recipe is parsed)
 from qig_plugin.data import batch_one_collator
+from qig_plugin.modifiers.language_model import decoder_layers
 from qig_plugin.validation import finite_activations
-
-VISION_NAME_PARTS = ("vision", "visual", "connector", "projector")
-
 
 @dataclass
 class QuantizeReport:
@@ -31,30 +29,6 @@ class QuantizeReport:
     calibration_s: float
     save_s: float
     size_bytes: int
-
-
-def decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
-    """The language model's decoder layers and their name in ``model``.
-
-    The decoder layers are the longest ``ModuleList`` outside the vision tower and the
-    projector whose blocks hold both ``self_attn`` and ``mlp``.
-    """
-    candidates = [
-        (len(modules), name, modules)
-        for name, modules in model.named_modules()
-        if isinstance(modules, torch.nn.ModuleList)
-        and len(modules) > 0
-        and not any(part in name for part in VISION_NAME_PARTS)
-        and hasattr(modules[0], "self_attn")
-        and hasattr(modules[0], "mlp")
-    ]
-    if not candidates:
-        raise ValueError(
-            f"could not find the text decoder layers of {type(model).__name__}: no ModuleList of "
-            "blocks with self_attn and mlp outside the vision tower; pass sequential_targets"
-        )
-    _, name, modules = max(candidates, key=lambda candidate: candidate[0])
-    return name, modules
 
 
 def decoder_layer_class(model: torch.nn.Module) -> str:

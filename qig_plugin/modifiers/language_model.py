@@ -10,7 +10,7 @@ import re
 
 import torch
 
-__all__ = ["language_model_name", "scope_to_language_model"]
+__all__ = ["decoder_layers", "language_model_name", "scope_to_language_model"]
 
 
 def language_model_name(model: torch.nn.Module) -> str:
@@ -24,6 +24,18 @@ def language_model_name(model: torch.nn.Module) -> str:
             "pass mappings scoped to it explicitly, e.g. 're:.*language_model.*q_proj$'"
         )
     return names[decoder]
+
+
+def decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
+    """The language model's decoder layers and their name in ``model`` (e.g. ``model.text_model.layers``)."""
+    name = language_model_name(model)
+    layers = getattr(model.get_submodule(name), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
+        raise ValueError(
+            f"the language model of {type(model).__name__} ({name or 'the model itself'}) has no `layers` list; "
+            "pass sequential_targets explicitly"
+        )
+    return f"{name}.layers" if name else "layers", layers
 
 
 def scope_to_language_model(pattern: str, prefix: str) -> str:

@@ -22,6 +22,7 @@ from llmcompressor.utils.helpers import DisableQuantization, eval_context
 from pydantic import PrivateAttr
 
 from qig_plugin.attribution.weighted_calibration import modality_ratios
+from qig_plugin.modifiers.language_model import decoder_layers
 from qig_plugin.modifiers.weighted_awq import TokenWeightedAWQModifier
 
 __all__ = ["MBQModifier"]
@@ -42,7 +43,7 @@ class MBQModifier(TokenWeightedAWQModifier):
 
     def on_calibration_start(self, state: State, event: Event, **kwargs):
         image_token = _image_token_id(state.model)
-        layers = state.model.get_decoder().layers
+        _, layers = decoder_layers(state.model)
         self._attention_ratios, self._mlp_ratios = self._gradient_ratios(state, layers, image_token)
         super().on_calibration_start(state, event, **kwargs)
         self.register_hook(
@@ -67,7 +68,7 @@ class MBQModifier(TokenWeightedAWQModifier):
 
     # r of the decoder layer holding the mapping: attention ratio inside self_attn, else the MLP's
     def _mapping_ratio(self, mapping: ResolvedMapping) -> float:
-        layers = active_session().state.model.get_decoder().layers
+        _, layers = decoder_layers(active_session().state.model)
         for index, layer in enumerate(layers):
             if any(mapping.parent is m for m in layer.self_attn.modules()):
                 return self._attention_ratios[index].item()
