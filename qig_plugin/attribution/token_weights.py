@@ -22,21 +22,30 @@ def qig_token_scores(
     q_fn: Callable[[torch.Tensor], torch.Tensor],
     x: torch.Tensor,
     baseline: torch.Tensor | None = None,
-    steps: int = 8,
+    steps: int = 6,
     rule: QuadratureRule = "gauss_legendre",
-    points_per_pass: int = 1,
-) -> torch.Tensor:
-    """QIG score of every token of ``x``.
+    points_per_pass: int | None = None,
+    min_steps: int | None = None,
+    completeness_tol: float = 0.01,
+) -> tuple[torch.Tensor, int]:
+    """QIG score of every token of ``x``, with the fewest nodes that integrate it well.
+
+    With ``min_steps`` set, the path integral is first taken with ``min_steps`` nodes and
+    accepted if it is complete: ``|sum IG - (F(x) - F(x0))| <= completeness_tol * |F(x) - F(x0)|``
+    (one extra forward of both branches); otherwise it is retaken with ``steps`` nodes.
+    Token-wise blocks (MLPs) pass with 2 nodes, attention usually needs 6.
 
     :param fp_fn: the full-precision block, ``[n, seq, hidden_in] -> [n, seq, hidden_out]``
     :param q_fn: the same block with quantized weights ``Q(W)``
     :param x: block input ``[batch, seq, hidden_in]``
     :param baseline: path start: None for zeros (the reference's weight-only path), or
         the quantized input ``x^q`` (the paper), shape of ``x``
-    :param steps: quadrature nodes; ``rule``: ``"gauss_legendre"`` or ``"uniform"``
-    :param points_per_pass: path points stacked along the batch dim per pass (the blocks
-        must then treat dim 0 as independent samples)
-    :return: scores ``[batch, seq]``, non-negative
+    :param steps: quadrature nodes (the most used); ``rule``: ``"gauss_legendre"`` or ``"uniform"``
+    :param points_per_pass: path points stacked along the batch dim per pass (None: all;
+        the blocks must treat dim 0 as independent samples whenever it is not 1)
+    :param min_steps: nodes tried first (None or >= ``steps``: always ``steps``)
+    :param completeness_tol: relative completeness error accepted from ``min_steps`` nodes
+    :return: scores ``[batch, seq]`` (non-negative) and the number of nodes used
     """
     if x.ndim != 3:
         raise ValueError(f"x must be [batch, seq, hidden], got shape {tuple(x.shape)}")
@@ -44,10 +53,19 @@ def qig_token_scores(
     def objective(points: torch.Tensor) -> torch.Tensor:
         return discrepancy(fp_fn(points), q_fn(points)).sum()
 
-    attributions = integrated_gradients(
-        objective, x, baseline, steps=steps, rule=rule, points_per_pass=points_per_pass
-    )
-    return attributions.abs().mean(dim=-1)
+    def attribute(nodes: int) -> torch.Tensor:
+        return integrated_gradients(objective, x, baseline, steps=nodes, rule=rule, points_per_pass=points_per_pass)
+
+    if min_steps is not None and min_steps < steps:
+        attributions = attribute(min_steps)
+        with torch.no_grad():
+            start = torch.zeros_like(x) if baseline is None else baseline.expand_as(x)
+            ends = torch.cat([start, x])  # one pass of both branches over both path ends
+            per_token = discrepancy(fp_fn(ends), q_fn(ends))
+            change = (per_token[len(x):].sum() - per_token[: len(x)].sum()).item()
+        if abs(attributions.sum().item() - change) <= completeness_tol * abs(change):
+            return attributions.abs().mean(dim=-1), min_steps
+    return attribute(steps).abs().mean(dim=-1), steps
 
 
 # per-sample: divide by the sum over the kept tokens (masked tokens stay 0)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from qig_plugin.attribution import discrepancy, qig_token_scores, token_weights
+from qig_plugin.attribution import discrepancy, integrated_gradients, qig_token_scores, quadrature, token_weights
 
 
 class SmallBlock(torch.nn.Module):
@@ -48,14 +48,38 @@ def test_qig_token_scores_match_brute_force(baseline_kind):
     q_fn = lambda z: block(z, quantized_up)
     x = torch.randn(2, 5, 8, dtype=torch.float64)
     baseline = None if baseline_kind == "zero" else (x * 8).round() / 8
-    scores = qig_token_scores(fp_fn, q_fn, x, baseline, steps=3, rule="gauss_legendre")
-    from qig_plugin.attribution import quadrature
+    scores, used = qig_token_scores(fp_fn, q_fn, x, baseline, steps=3, rule="gauss_legendre")
+    assert used == 3
 
     nodes, weights = quadrature(3, "gauss_legendre")
     start = torch.zeros_like(x) if baseline is None else baseline
     expected = brute_force_scores(fp_fn, q_fn, x, start, nodes.tolist(), weights.tolist())
     assert scores.shape == (2, 5)
     assert torch.allclose(scores, expected, rtol=1e-4, atol=1e-9)
+
+
+def small_block_branches(seed: int = 0, step: float = 0.25):
+    torch.manual_seed(seed)
+    block = SmallBlock().double()
+    quantized_up = (block.up.weight / step).round() * step
+    return (lambda z: block(z)), (lambda z: block(z, quantized_up))
+
+
+def test_few_nodes_are_kept_only_when_complete():
+    fp_fn, q_fn = small_block_branches()
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    objective = lambda z: discrepancy(fp_fn(z), q_fn(z)).sum()
+    change = (objective(x) - objective(torch.zeros_like(x))).item()
+    two_nodes = integrated_gradients(objective, x, steps=2)
+    error = abs(two_nodes.sum().item() - change) / abs(change)
+
+    loose, loose_used = qig_token_scores(fp_fn, q_fn, x, steps=6, min_steps=2, completeness_tol=2 * error)
+    assert loose_used == 2
+    assert torch.allclose(loose, two_nodes.abs().mean(-1))
+
+    strict, strict_used = qig_token_scores(fp_fn, q_fn, x, steps=6, min_steps=2, completeness_tol=error / 2)
+    assert strict_used == 6
+    assert torch.allclose(strict, integrated_gradients(objective, x, steps=6).abs().mean(-1))
 
 
 def test_token_weights_sum_to_one_per_sample_and_ignore_masked_tokens():
