@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 from llmcompressor import oneshot
+from llmcompressor.modifiers import Modifier
 
 import qig_plugin  # noqa: F401  (registers the QIG modifiers before the recipe is parsed)
 from qig_plugin.data import batch_one_collator
@@ -40,6 +41,43 @@ def _folder_size(folder: Path) -> int:
     return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
 
 
+def calibrate(
+    model: torch.nn.Module,
+    processor,
+    recipe: str | Path | list[Modifier],
+    dataset: Dataset,
+    *,
+    sequential_targets: list[str] | None = None,
+    use_loss_mask: bool = False,
+) -> float:
+    """Run llm-compressor's ``oneshot`` on ``model`` in place, layer by layer; return its wall time in seconds.
+
+    :param model: the model, loaded from a saved folder (``oneshot`` re-reads its config)
+    :param processor: its processor (or tokenizer)
+    :param recipe: a recipe YAML path or string (nested ``*_stage`` / ``*_modifiers`` form), or modifiers
+    :param dataset: tokenized calibration samples (one sample per batch)
+    :param sequential_targets: decoder layer classes; found from the model when None
+    :param use_loss_mask: let the modifiers read the dataset's ``loss_mask`` column (tokens with 0 weigh nothing)
+    """
+    if len(dataset) == 0:
+        raise ValueError("the calibration dataset is empty: give at least one sample")
+    layers_name, layers = decoder_layers(model)
+    start = time.perf_counter()
+    with finite_activations(layers, layers_name):
+        oneshot(
+            model=model,
+            processor=processor,
+            dataset=dataset,
+            recipe=recipe if isinstance(recipe, list) else str(recipe),
+            num_calibration_samples=len(dataset),
+            data_collator=batch_one_collator,
+            sequential_targets=sequential_targets or [decoder_layer_class(model)],
+            pipeline="sequential",
+            use_loss_mask=use_loss_mask,
+        )
+    return time.perf_counter() - start
+
+
 def quantize_to_checkpoint(
     model: torch.nn.Module,
     processor,
@@ -50,36 +88,15 @@ def quantize_to_checkpoint(
     sequential_targets: list[str] | None = None,
     overwrite: bool = False,
 ) -> QuantizeReport:
-    """Calibrate ``model`` with ``recipe`` on ``dataset`` and write a compressed checkpoint.
+    """Calibrate ``model`` with ``recipe`` on ``dataset`` (see :func:`calibrate`) and write a compressed checkpoint.
 
-    :param model: the model, loaded from a saved folder (``oneshot`` re-reads its config)
-    :param processor: its processor (or tokenizer); saved beside the weights for vLLM
-    :param recipe: a recipe YAML path or string (nested ``*_stage`` / ``*_modifiers`` form)
-    :param dataset: tokenized calibration samples (one sample per batch)
     :param output_dir: the checkpoint folder to create
-    :param sequential_targets: decoder layer classes; found from the model when None
     :param overwrite: replace an existing ``output_dir``
     """
     output_dir = Path(output_dir)
     if output_dir.exists() and not overwrite:
         raise FileExistsError(f"{output_dir} already exists; choose another folder or pass overwrite")
-    if len(dataset) == 0:
-        raise ValueError("the calibration dataset is empty: give at least one sample")
-
-    layers_name, layers = decoder_layers(model)
-    start = time.perf_counter()
-    with finite_activations(layers, layers_name):
-        oneshot(
-            model=model,
-            processor=processor,
-            dataset=dataset,
-            recipe=str(recipe),
-            num_calibration_samples=len(dataset),
-            data_collator=batch_one_collator,
-            sequential_targets=sequential_targets or [decoder_layer_class(model)],
-            pipeline="sequential",
-        )
-    calibration_s = time.perf_counter() - start
+    calibration_s = calibrate(model, processor, recipe, dataset, sequential_targets=sequential_targets)
 
     start = time.perf_counter()
     output_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -171,9 +171,8 @@ def build_calibration_dataset(
             {"role": "assistant", "content": [{"type": "text", "text": record.answer}]},
         ]
         text = processor.apply_chat_template(messages, tokenize=False)
-        encoding = processor(
-            text=[text], images=[[image]] if image is not None else None, add_special_tokens=False, return_tensors="np"
-        )
+        image_inputs = {"images": [[image]]} if image is not None else {}  # a plain tokenizer takes no images
+        encoding = processor(text=[text], add_special_tokens=False, return_tensors="np", **image_inputs)
         input_ids = encoding["input_ids"][0]
         placeholder_positions = np.flatnonzero(np.isin(input_ids, list(placeholder_ids)))
         if len(input_ids) > max_length:

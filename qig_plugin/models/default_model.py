@@ -34,6 +34,7 @@ from transformers import (
     Idefics3ForConditionalGeneration,
     Idefics3Processor,
     LlamaConfig,
+    LlamaForCausalLM,
     PreTrainedTokenizerBase,
 )
 from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
@@ -83,6 +84,7 @@ def _cache_root() -> Path:
 
 
 DEFAULT_MODEL_DIR = _cache_root() / "smolvlm-smollm2-135m-random-vision"
+TEXT_MODEL_DIR = _cache_root() / "smollm2-135m-instruct"
 
 
 def _smollm2_folder() -> Path:
@@ -265,6 +267,41 @@ def build_default_model(output_dir: str | Path | None = None, overwrite: bool = 
     finally:
         shutil.rmtree(staging_dir, ignore_errors=True)
     print(f"[qig] default model ready at {model_dir}")
+    return model_dir
+
+
+def build_text_model(output_dir: str | Path | None = None, overwrite: bool = False) -> Path:
+    """The default model's language model alone: SmolLM2-135M-Instruct as a ``LlamaForCausalLM``.
+
+    Built from the default model (built first if needed), so both share weights, vocabulary (with the
+    Idefics3 tokens) and chat template; text-only comparisons then isolate the vision inputs. Written to
+    ``output_dir`` (default ``TEXT_MODEL_DIR``) through a temporary sibling; idempotent unless ``overwrite``.
+    """
+    model_dir = Path(output_dir) if output_dir is not None else TEXT_MODEL_DIR
+    if (model_dir / "config.json").is_file() and (model_dir / "model.safetensors").is_file() and not overwrite:
+        return model_dir
+    vlm_dir = build_default_model()
+    vlm = Idefics3ForConditionalGeneration.from_pretrained(vlm_dir, dtype=torch.bfloat16)
+    model = LlamaForCausalLM(LlamaConfig(**vlm.config.text_config.to_dict()))
+    prefix = "model.text_model."
+    text_weights = {f"model.{name[len(prefix):]}": t for name, t in vlm.state_dict().items() if name.startswith(prefix)}
+    missing, unexpected = model.load_state_dict(text_weights, strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise RuntimeError(f"text model weights do not match: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    model.to(torch.bfloat16)
+    model.generation_config = vlm.generation_config
+    model_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging_dir = Path(tempfile.mkdtemp(prefix=f".{model_dir.name}.", dir=model_dir.parent))
+    try:
+        model.save_pretrained(staging_dir)
+        AutoTokenizer.from_pretrained(vlm_dir).save_pretrained(staging_dir)
+        staging_dir.chmod(0o755)
+        if model_dir.exists():
+            shutil.rmtree(model_dir)
+        staging_dir.rename(model_dir)
+    finally:
+        shutil.rmtree(staging_dir, ignore_errors=True)
     return model_dir
 
 

@@ -1,0 +1,411 @@
+"""Does QIG preserve the model better than stock GPTQ, AWQ, SmoothQuant and MBQ? Fidelity to the FP parent.
+
+    python benchmarks/quality.py --quick      # VLM, W3A16 + W4A8, RTN/GPTQ/QIG-GPTQ + controls, 8 samples
+    python benchmarks/quality.py              # every scheme x method on both models, then the ablation
+    python benchmarks/quality.py --models vlm --schemes w3a16 --methods gptq qig_gptq
+
+Models: ``vlm``, the default model (real SmolLM2-135M-Instruct in SmolVLM, random vision tower), and ``text``,
+its language model alone. Both calibrate on the shipped calibration records (the text model on their text
+without the photos) and are scored on data calibration never sees: the held-out records (held-out photos,
+prompts and documentation passages) and held-out ``pydoc_data.topics`` text. Metrics against the
+full-precision parent: mean KL(FP || Q) of next-token distributions over all positions and over answer
+positions, top-1 agreement, and perplexity on the held-out text, each with a bootstrap 95% interval over
+samples; QIG/stock KL ratios use paired resamples.
+
+Every cell (model, scheme, method) runs in its own process on the same records with the same seed and
+saves its per-sample metrics under ``benchmarks/results/quality_cells/`` (reused on later runs unless
+``--fresh``); the summary goes to ``benchmarks/results/quality.json``, ``quality.md`` and ``quality.png``.
+Cell wall times are the ``oneshot`` calibration alone (same data, one run each).
+"""
+
+import argparse
+import dataclasses
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RECIPES = REPO_ROOT / "recipes"
+RESULTS = REPO_ROOT / "benchmarks" / "results"
+CELLS = RESULTS / "quality_cells"
+SEED = 0
+TEXT_PASSAGES = 16
+TEXT_TOKENS = 256
+BOOTSTRAP_RESAMPLES = 2000
+
+# method -> (recipe file stem with {scheme}, modifier class swaps, field overrides, schemes it applies to)
+METHODS = {
+    "rtn": ("gptq_{scheme}", {"GPTQModifier": "QuantizationModifier"}, {}, ("w3a16", "w4a16", "w4a8", "w8a8")),
+    "gptq": ("gptq_{scheme}", {}, {}, ("w3a16", "w4a16", "w4a8", "w8a8")),
+    "qig_gptq": ("qig_gptq_{scheme}", {}, {}, ("w3a16", "w4a16", "w4a8", "w8a8")),
+    "norm_gptq": ("qig_gptq_{scheme}", {"QIGGPTQModifier": "NormWeightedGPTQModifier"}, {},
+                  ("w3a16", "w4a16", "w4a8", "w8a8")),
+    "sink_gptq": ("qig_gptq_{scheme}", {"QIGGPTQModifier": "SinkMaskedGPTQModifier"}, {},
+                  ("w3a16", "w4a16", "w4a8", "w8a8")),
+    "awq": ("awq_{scheme}", {}, {}, ("w3a16", "w4a16", "w4a8")),
+    "qig_awq": ("qig_awq_{scheme}", {}, {}, ("w3a16", "w4a16", "w4a8")),
+    "mbq_awq": ("qig_awq_{scheme}", {"QIGAWQModifier": "MBQModifier"}, {}, ("w3a16", "w4a16", "w4a8")),
+    "sq_gptq": ("sq_gptq_{scheme}", {}, {}, ("w4a8", "w8a8")),
+    "qig_sq_gptq": ("qig_sq_gptq_{scheme}", {}, {}, ("w4a8", "w8a8")),
+    "qig_sq_qig_gptq": ("qig_sq_gptq_{scheme}", {"GPTQModifier": "QIGGPTQModifier"}, {}, ("w4a8", "w8a8")),
+    # ablation of QIG-GPTQ's own knobs
+    "qig_gptq_quantized_baseline": ("qig_gptq_{scheme}", {}, {"qig_baseline": "quantized"}, ("w4a8", "w8a8")),
+    "qig_gptq_no_iqr_clip": ("qig_gptq_{scheme}", {}, {"qig_iqr_clip": False}, ("w3a16", "w4a8")),
+    "qig_gptq_6_nodes": ("qig_gptq_{scheme}", {}, {"qig_min_steps": 6}, ("w3a16", "w4a8")),
+    "qig_gptq_uniform_32": ("qig_gptq_{scheme}", {}, {"qig_rule": "uniform", "qig_steps": 32, "qig_min_steps": 32},
+                            ("w3a16", "w4a8")),
+    "qig_gptq_prompt_masked": ("qig_gptq_{scheme}", {}, {}, ("w3a16", "w4a8")),
+}
+STOCK = ("rtn", "gptq", "awq", "sq_gptq")
+QIG = ("qig_gptq", "qig_awq", "qig_sq_gptq", "qig_sq_qig_gptq")
+CONTROLS = ("norm_gptq", "sink_gptq", "mbq_awq")
+ABLATION = tuple(m for m in METHODS if m.startswith("qig_gptq_"))
+MAIN_METHODS = STOCK + QIG + CONTROLS
+SCHEMES = ("w3a16", "w4a16", "w4a8", "w8a8")
+
+
+# ---------------------------------------------------------------- controls (benchmark-only modifiers)
+
+
+def control_modifiers():
+    """The two cheap controls of every GPTQ cell, as QIG-GPTQ with other token scores (same weighting path)."""
+    from qig_plugin.modifiers import QIGGPTQModifier
+    from qig_plugin.modifiers.block_attribution import block_input
+
+    class NormWeightedGPTQModifier(QIGGPTQModifier):
+        """Control: token scores ``||x_t||`` of the block input, normalized and IQR-clipped as QIG's."""
+
+        def _block_scores(self, block, weight_args, args, kwargs, baseline_args=None):
+            return block_input(args, kwargs)[1].detach().float().norm(dim=-1)
+
+    class SinkMaskedGPTQModifier(QIGGPTQModifier):
+        """Control: stock GPTQ with the first token (the attention sink) weighted 0, all others equal."""
+
+        qig_iqr_clip: bool = False
+
+        def _block_scores(self, block, weight_args, args, kwargs, baseline_args=None):
+            scores = torch.ones(block_input(args, kwargs)[1].shape[:2])
+            scores[:, 0] = 0.0
+            return scores
+
+    return {cls.__name__: cls for cls in (NormWeightedGPTQModifier, SinkMaskedGPTQModifier)}
+
+
+def build_modifiers(method: str, scheme: str) -> list:
+    """The method's modifiers for ``scheme``: the shipped recipe, with class swaps and field overrides."""
+    from llmcompressor.modifiers.gptq import GPTQModifier
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from llmcompressor.modifiers.transform.awq import AWQModifier
+    from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
+
+    from qig_plugin.modifiers import MBQModifier, QIGAWQModifier, QIGGPTQModifier, QIGSmoothQuantModifier
+
+    classes = {cls.__name__: cls for cls in (GPTQModifier, QuantizationModifier, AWQModifier, SmoothQuantModifier,
+                                             MBQModifier, QIGAWQModifier, QIGGPTQModifier, QIGSmoothQuantModifier)}
+    classes.update(control_modifiers())
+    recipe, swaps, overrides, _ = METHODS[method]
+    stages = yaml.safe_load((RECIPES / f"{recipe.format(scheme=scheme)}.yaml").read_text())
+    modifiers = []
+    for stage in stages.values():
+        for group in stage.values():
+            for name, fields in group.items():
+                cls = classes[swaps.get(name, name)]
+                fields = {**fields, **overrides}
+                modifiers.append(cls(**{k: v for k, v in fields.items() if k in cls.model_fields}))
+    return modifiers
+
+
+# ---------------------------------------------------------------- data
+
+
+def heldout_text_ids(tokenizer) -> list[torch.Tensor]:
+    """``TEXT_PASSAGES`` real documentation passages no calibration record uses: ``[TEXT_TOKENS]`` ids each."""
+    import pydoc_data.topics
+
+    from qig_plugin.data.records import PASSAGE_TASKS
+
+    used = {topic for topic, *_ in PASSAGE_TASKS}
+    candidates = sorted(
+        name for name, text in pydoc_data.topics.topics.items() if name not in used and len(text) > 4 * TEXT_TOKENS
+    )
+    chosen = np.random.default_rng(SEED).choice(len(candidates), TEXT_PASSAGES, replace=False)
+    passages = []
+    for index in sorted(chosen):
+        ids = tokenizer(pydoc_data.topics.topics[candidates[index]], add_special_tokens=False)["input_ids"]
+        passages.append(torch.tensor(ids[:TEXT_TOKENS]))
+    return passages
+
+
+def load_subject(model_kind: str, samples: int, mask_prompt: bool):
+    """Model, processor, calibration dataset and held-out sets for ``"vlm"`` or ``"text"``."""
+    from qig_plugin.data import build_calibration_dataset, shipped_records
+    from qig_plugin.models import build_default_model, build_text_model, load_model, load_processor
+
+    calibration, heldout = shipped_records("calibration"), shipped_records("heldout")
+    if model_kind == "vlm":
+        model_dir = build_default_model()
+        processor, model = load_processor(model_dir), load_model(model_dir)
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model_dir = build_text_model()
+        processor = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        calibration = [dataclasses.replace(r, image=None) for r in calibration]
+        heldout = [dataclasses.replace(r, image=None) for r in heldout]
+    order = np.random.default_rng(SEED).permutation(len(calibration))[:samples]
+    dataset = build_calibration_dataset([calibration[i] for i in sorted(order)], processor,
+                                        mask_system_prompt=mask_prompt)
+    heldout_set = build_calibration_dataset(heldout, processor)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    return model, processor, dataset, heldout_set, heldout_text_ids(tokenizer), tokenizer
+
+
+def answer_start(input_ids: torch.Tensor, tokenizer) -> int:
+    """Index of the first answer token: right after the last ``<|im_start|>assistant\\n``."""
+    start_id = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    header = len(tokenizer("assistant\n", add_special_tokens=False)["input_ids"])
+    return int((input_ids == start_id).nonzero().max()) + 1 + header
+
+
+# ---------------------------------------------------------------- metrics
+
+
+@torch.no_grad()
+def next_token_log_probs(model, heldout_set, text_ids) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Log-probabilities ``[seq, vocab]`` for each held-out record, then for each held-out text passage."""
+    from qig_plugin.data import batch_one_collator
+
+    records = []
+    for row in heldout_set:
+        batch = {k: v for k, v in batch_one_collator([row]).items() if k != "loss_mask"}
+        records.append(model(**batch, use_cache=False).logits[0].float().log_softmax(-1))
+    texts = [model(input_ids=ids[None], use_cache=False).logits[0].float().log_softmax(-1) for ids in text_ids]
+    return records, texts
+
+
+def kl_per_position(reference: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
+    """KL(FP || Q) of each position's next-token distribution: ``[seq, vocab]`` x2 -> ``[seq]``."""
+    return (reference.exp() * (reference - quantized)).sum(-1)
+
+
+def sample_metrics(reference, quantized, heldout_set, text_ids, tokenizer) -> dict[str, list[float]]:
+    """Per-sample metrics (one value per held-out record or text passage)."""
+    metrics = {"kl_all": [], "kl_answer": [], "top1": [], "text_kl": [], "text_nll": [], "text_nll_fp": []}
+    for ref, quant, row in zip(reference[0], quantized[0], heldout_set):
+        kl = kl_per_position(ref, quant)
+        start = answer_start(torch.as_tensor(row["input_ids"]), tokenizer)
+        metrics["kl_all"].append(kl.mean().item())
+        metrics["kl_answer"].append(kl[start - 1 : -1].mean().item())
+        metrics["top1"].append((ref.argmax(-1) == quant.argmax(-1)).float().mean().item())
+    for ref, quant, ids in zip(reference[1], quantized[1], text_ids):
+        targets = ids[1:, None]
+        metrics["text_kl"].append(kl_per_position(ref, quant).mean().item())
+        metrics["text_nll"].append(-quant[:-1].gather(-1, targets).mean().item())
+        metrics["text_nll_fp"].append(-ref[:-1].gather(-1, targets).mean().item())
+    return metrics
+
+
+def bootstrap_interval(values: np.ndarray, statistic=np.mean) -> list[float]:
+    """Mean-like statistic of per-sample ``values`` ``[n]`` with its bootstrap 95% interval."""
+    rng = np.random.default_rng(SEED)
+    draws = rng.integers(0, len(values), size=(BOOTSTRAP_RESAMPLES, len(values)))
+    stats = np.array([statistic(values[d]) for d in draws])
+    return [float(statistic(values)), float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))]
+
+
+def paired_ratio(numerator: np.ndarray, denominator: np.ndarray) -> list[float]:
+    """mean(numerator) / mean(denominator) over the same samples, with a paired bootstrap 95% interval."""
+    rng = np.random.default_rng(SEED)
+    draws = rng.integers(0, len(numerator), size=(BOOTSTRAP_RESAMPLES, len(numerator)))
+    ratios = numerator[draws].mean(1) / denominator[draws].mean(1)
+    return [float(numerator.mean() / denominator.mean()), float(np.percentile(ratios, 2.5)),
+            float(np.percentile(ratios, 97.5))]
+
+
+# ---------------------------------------------------------------- one cell
+
+
+def run_cell(model_kind: str, scheme: str, method: str, samples: int) -> dict:
+    """Calibrate one (model, scheme, method) and score it against the FP parent; per-sample metrics."""
+    from qig_plugin.quantize import calibrate
+
+    torch.manual_seed(SEED)
+    mask_prompt = method == "qig_gptq_prompt_masked"
+    model, processor, dataset, heldout_set, text_ids, tokenizer = load_subject(model_kind, samples, mask_prompt)
+    model.eval()
+    reference = next_token_log_probs(model, heldout_set, text_ids)
+    seconds = calibrate(model, processor, build_modifiers(method, scheme), dataset, use_loss_mask=mask_prompt)
+    quantized = next_token_log_probs(model, heldout_set, text_ids)
+    return {
+        "model": model_kind, "scheme": scheme, "method": method, "samples": samples,
+        "calibration_tokens": int(sum(len(ids) for ids in dataset["input_ids"])),
+        "calibration_s": round(seconds, 1),
+        "per_sample": sample_metrics(reference, quantized, heldout_set, text_ids, tokenizer),
+    }
+
+
+# ---------------------------------------------------------------- summary
+
+
+def summarize(cell: dict) -> dict:
+    per_sample = {k: np.array(v) for k, v in cell["per_sample"].items()}
+    perplexity = lambda nll: float(np.exp(nll.mean()))  # noqa: E731 (token-weighted: passages have equal length)
+    return {
+        "kl_all": bootstrap_interval(per_sample["kl_all"]),
+        "kl_answer": bootstrap_interval(per_sample["kl_answer"]),
+        "top1": bootstrap_interval(per_sample["top1"]),
+        "text_kl": bootstrap_interval(per_sample["text_kl"]),
+        "text_ppl": bootstrap_interval(per_sample["text_nll"], perplexity),
+        "text_ppl_fp": perplexity(per_sample["text_nll_fp"]),
+        "calibration_s": cell["calibration_s"],
+    }
+
+
+def ratios_to_best_stock(cells: dict) -> list[dict]:
+    """Per (model, scheme): each non-stock method's KL over the best stock method's (not RTN), paired bootstrap."""
+    rows = []
+    for model_kind, scheme in sorted({(m, s) for m, s, _ in cells}):
+        present = {k: cell["per_sample"] for (m, s, k), cell in cells.items() if (m, s) == (model_kind, scheme)}
+        stock = [k for k in present if k in STOCK and k != "rtn"]
+        if not stock:
+            continue
+        best = min(stock, key=lambda k: np.mean(present[k]["kl_all"]))
+        for method, metrics in present.items():
+            if method in STOCK:
+                continue
+            row = {"model": model_kind, "scheme": scheme, "method": method, "best_stock": best}
+            for metric in ("kl_all", "kl_answer", "text_kl"):
+                row[metric] = paired_ratio(np.array(metrics[metric]), np.array(present[best][metric]))
+            row["text_ppl_ratio"] = float(np.exp(np.mean(metrics["text_nll"]) - np.mean(present[best]["text_nll"])))
+            rows.append(row)
+    return rows
+
+
+def fmt(interval: list[float], digits: int = 3) -> str:
+    return f"{interval[0]:.{digits}f} [{interval[1]:.{digits}f}, {interval[2]:.{digits}f}]"
+
+
+def markdown(summaries: dict, ratios: list[dict]) -> str:
+    lines = ["| model | scheme | method | KL all | KL answer | top-1 | text PPL (FP) | calib s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (model_kind, scheme, method), s in sorted(summaries.items(), key=lambda kv: (
+            kv[0][0], SCHEMES.index(kv[0][1]), list(METHODS).index(kv[0][2]))):
+        lines.append(f"| {model_kind} | {scheme} | {method} | {fmt(s['kl_all'])} | {fmt(s['kl_answer'])} "
+                     f"| {s['top1'][0]:.3f} | {s['text_ppl'][0]:.2f} ({s['text_ppl_fp']:.2f}) | {s['calibration_s']} |")
+    lines += ["", "| model | scheme | method | best stock | KL ratio all | KL ratio answer | text KL ratio | PPL ratio |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in ratios:
+        lines.append(f"| {r['model']} | {r['scheme']} | {r['method']} | {r['best_stock']} | {fmt(r['kl_all'])} "
+                     f"| {fmt(r['kl_answer'])} | {fmt(r['text_kl'])} | {r['text_ppl_ratio']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summaries: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({m for m, _, _ in summaries})
+    figure, axes = plt.subplots(len(models), 1, figsize=(11, 3.6 * len(models)), squeeze=False)
+    for axis, model_kind in zip(axes[:, 0], models):
+        schemes = [s for s in SCHEMES if any((model_kind, s, m) in summaries for m in METHODS)]
+        methods = [m for m in METHODS if any((model_kind, s, m) in summaries for s in schemes)]
+        width = 0.8 / len(methods)
+        for i, method in enumerate(methods):
+            xs, ys, errors = [], [], []
+            for j, scheme in enumerate(schemes):
+                if (model_kind, scheme, method) in summaries:
+                    mean, low, high = summaries[(model_kind, scheme, method)]["kl_all"]
+                    xs.append(j + (i - len(methods) / 2 + 0.5) * width)
+                    ys.append(mean)
+                    errors.append((mean - low, high - mean))
+            hatch = "//" if method in QIG else ("." if method in CONTROLS + ABLATION else None)
+            axis.bar(xs, ys, width, yerr=np.array(errors).T, label=method, hatch=hatch, capsize=2)
+        axis.set_xticks(range(len(schemes)), [s.upper() for s in schemes])
+        axis.set_yscale("log")
+        axis.set_ylabel("held-out KL(FP || Q)")
+        axis.set_title(f"{model_kind}: lower is better (95% bootstrap intervals)")
+        axis.legend(fontsize=7, ncol=4)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+# ---------------------------------------------------------------- driver
+
+
+def plan(args) -> list[tuple[str, str, str]]:
+    methods = args.methods or (MAIN_METHODS + ABLATION)
+    return [(model_kind, scheme, method) for model_kind in args.models for scheme in args.schemes
+            for method in methods if scheme in METHODS[method][3]
+            and not (model_kind == "text" and method in ABLATION)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="VLM, W3A16 + W4A8, GPTQ family, 8 samples")
+    parser.add_argument("--models", nargs="+", choices=("vlm", "text"), default=["vlm", "text"])
+    parser.add_argument("--schemes", nargs="+", choices=SCHEMES, default=list(SCHEMES))
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS))
+    parser.add_argument("--samples", type=int, default=32, help="calibration records (of 52)")
+    parser.add_argument("--fresh", action="store_true", help="recompute cells already saved")
+    parser.add_argument("--one", nargs=4, metavar=("MODEL", "SCHEME", "METHOD", "SAMPLES"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        model_kind, scheme, method, samples = args.one
+        print("RESULT " + json.dumps(run_cell(model_kind, scheme, method, int(samples))))
+        return
+    if args.quick:
+        args.models, args.schemes, args.samples = ["vlm"], ["w3a16", "w4a8"], 8
+        args.methods = args.methods or ["rtn", "gptq", "qig_gptq", "norm_gptq", "sink_gptq"]
+
+    started = time.perf_counter()
+    cells = {}
+    todo = plan(args)
+    CELLS.mkdir(parents=True, exist_ok=True)
+    for index, (model_kind, scheme, method) in enumerate(todo, 1):
+        saved = CELLS / f"{model_kind}_{scheme}_{method}_{args.samples}.json"
+        if saved.exists() and not args.fresh:
+            cells[(model_kind, scheme, method)] = json.loads(saved.read_text())
+            print(f"[{index}/{len(todo)}] {model_kind} {scheme} {method}: saved result", flush=True)
+            continue
+        print(f"[{index}/{len(todo)}] {model_kind} {scheme} {method} on {args.samples} samples "
+              f"({time.perf_counter() - started:.0f} s so far) ...", flush=True)
+        completed = subprocess.run(
+            [sys.executable, __file__, "--one", model_kind, scheme, method, str(args.samples)],
+            capture_output=True, text=True,
+        )
+        lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
+        if completed.returncode != 0 or not lines:
+            print(completed.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"cell {model_kind} {scheme} {method} failed (exit {completed.returncode})")
+        cell = json.loads(lines[0].removeprefix("RESULT "))
+        saved.write_text(json.dumps(cell) + "\n")
+        cells[(model_kind, scheme, method)] = cell
+        kl = np.mean(cell["per_sample"]["kl_all"])
+        print(f"    KL {kl:.4f}, calibration {cell['calibration_s']} s", flush=True)
+
+    summaries = {key: summarize(cell) for key, cell in cells.items()}
+    ratios = ratios_to_best_stock(cells)
+    table = markdown(summaries, ratios)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "quality.json").write_text(json.dumps({
+        "samples": args.samples, "seed": SEED, "text_passages": TEXT_PASSAGES, "text_tokens": TEXT_TOKENS,
+        "cells": [{"model": m, "scheme": s, "method": k, **v} for (m, s, k), v in summaries.items()],
+        "ratios_to_best_stock": ratios,
+    }, indent=1) + "\n")
+    (RESULTS / "quality.md").write_text(table)
+    plot(summaries, RESULTS / "quality.png")
+    print("\n" + table)
+    print(f"total {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
