@@ -1,6 +1,6 @@
 """Does QIG preserve the model better than stock GPTQ, AWQ, SmoothQuant and MBQ? Fidelity to the FP parent.
 
-    python benchmarks/quality.py --quick      # VLM, W3A16 + W4A8, RTN/GPTQ/QIG-GPTQ + controls, 8 samples
+    python benchmarks/quality.py --quick      # VLM, W3A16, RTN/GPTQ/QIG-GPTQ + both controls, 8 samples
     python benchmarks/quality.py              # every scheme x method on both models, then the ablation
     python benchmarks/quality.py --models vlm --schemes w3a16 --methods gptq qig_gptq
 
@@ -14,7 +14,8 @@ samples; QIG/stock KL ratios use paired resamples.
 
 Every cell (model, scheme, method) runs in its own process on the same records with the same seed and
 saves its per-sample metrics under ``benchmarks/results/quality_cells/`` (reused on later runs unless
-``--fresh``); the summary goes to ``benchmarks/results/quality.json``, ``quality.md`` and ``quality.png``.
+``--fresh``); the summary of every saved cell with the same sample count goes to
+``benchmarks/results/quality.json``, ``quality.md`` and ``quality.png``.
 Cell wall times are the ``oneshot`` calibration alone (same data, one run each).
 """
 
@@ -23,6 +24,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -232,17 +234,26 @@ def paired_ratio(numerator: np.ndarray, denominator: np.ndarray) -> list[float]:
 # ---------------------------------------------------------------- one cell
 
 
-def run_cell(model_kind: str, scheme: str, method: str, samples: int) -> dict:
+def save_reference(model_kind: str, path: Path) -> None:
+    """The FP parent's held-out log-probabilities, computed once per run and read by every cell."""
+    model, _, _, heldout_set, text_ids, _ = load_subject(model_kind, samples=1, mask_prompt=False)
+    torch.save(next_token_log_probs(model.eval(), heldout_set, text_ids), path)
+
+
+def run_cell(model_kind: str, scheme: str, method: str, samples: int, reference_path: Path) -> dict:
     """Calibrate one (model, scheme, method) and score it against the FP parent; per-sample metrics."""
     from qig_plugin.quantize import calibrate
 
     torch.manual_seed(SEED)
+    if not torch.accelerator.is_available():  # stock AWQ 0.14.0.1 pins its cache unconditionally: fails on CPU
+        from llmcompressor.pipelines.cache import IntermediatesCache
+
+        IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
     mask_prompt = method == "qig_gptq_prompt_masked"
     model, processor, dataset, heldout_set, text_ids, tokenizer = load_subject(model_kind, samples, mask_prompt)
-    model.eval()
-    reference = next_token_log_probs(model, heldout_set, text_ids)
     seconds = calibrate(model, processor, build_modifiers(method, scheme), dataset, use_loss_mask=mask_prompt)
-    quantized = next_token_log_probs(model, heldout_set, text_ids)
+    quantized = next_token_log_probs(model.eval(), heldout_set, text_ids)
+    reference = torch.load(reference_path)
     return {
         "model": model_kind, "scheme": scheme, "method": method, "samples": samples,
         "calibration_tokens": int(sum(len(ids) for ids in dataset["input_ids"])),
@@ -341,6 +352,15 @@ def plot(summaries: dict, path: Path) -> None:
 # ---------------------------------------------------------------- driver
 
 
+def run_child(arguments: list[str]) -> str:
+    """Run this script with ``arguments`` in a fresh process (a clean llm-compressor session); its stdout."""
+    completed = subprocess.run([sys.executable, __file__, *arguments], capture_output=True, text=True)
+    if completed.returncode != 0:
+        print(completed.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"{' '.join(arguments[:4])} failed (exit {completed.returncode})")
+    return completed.stdout
+
+
 def plan(args) -> list[tuple[str, str, str]]:
     methods = args.methods or (MAIN_METHODS + ABLATION)
     return [(model_kind, scheme, method) for model_kind in args.models for scheme in args.schemes
@@ -350,48 +370,54 @@ def plan(args) -> list[tuple[str, str, str]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="VLM, W3A16 + W4A8, GPTQ family, 8 samples")
+    parser.add_argument("--quick", action="store_true", help="VLM, W3A16, GPTQ family, 8 samples")
     parser.add_argument("--models", nargs="+", choices=("vlm", "text"), default=["vlm", "text"])
     parser.add_argument("--schemes", nargs="+", choices=SCHEMES, default=list(SCHEMES))
     parser.add_argument("--methods", nargs="+", choices=list(METHODS))
-    parser.add_argument("--samples", type=int, default=32, help="calibration records (of 52)")
+    parser.add_argument("--samples", type=int, default=16, help="calibration records (of 52)")
     parser.add_argument("--fresh", action="store_true", help="recompute cells already saved")
-    parser.add_argument("--one", nargs=4, metavar=("MODEL", "SCHEME", "METHOD", "SAMPLES"), help=argparse.SUPPRESS)
+    parser.add_argument("--one", nargs=5, help=argparse.SUPPRESS)  # MODEL SCHEME METHOD SAMPLES REFERENCE
+    parser.add_argument("--reference", nargs=2, help=argparse.SUPPRESS)  # MODEL PATH
     args = parser.parse_args()
+    if args.reference:
+        save_reference(args.reference[0], Path(args.reference[1]))
+        return
     if args.one:
-        model_kind, scheme, method, samples = args.one
-        print("RESULT " + json.dumps(run_cell(model_kind, scheme, method, int(samples))))
+        model_kind, scheme, method, samples, reference = args.one
+        print("RESULT " + json.dumps(run_cell(model_kind, scheme, method, int(samples), Path(reference))))
         return
     if args.quick:
-        args.models, args.schemes, args.samples = ["vlm"], ["w3a16", "w4a8"], 8
+        args.models, args.schemes, args.samples = ["vlm"], ["w3a16"], 8
         args.methods = args.methods or ["rtn", "gptq", "qig_gptq", "norm_gptq", "sink_gptq"]
 
     started = time.perf_counter()
     cells = {}
     todo = plan(args)
     CELLS.mkdir(parents=True, exist_ok=True)
-    for index, (model_kind, scheme, method) in enumerate(todo, 1):
-        saved = CELLS / f"{model_kind}_{scheme}_{method}_{args.samples}.json"
-        if saved.exists() and not args.fresh:
-            cells[(model_kind, scheme, method)] = json.loads(saved.read_text())
-            print(f"[{index}/{len(todo)}] {model_kind} {scheme} {method}: saved result", flush=True)
-            continue
-        print(f"[{index}/{len(todo)}] {model_kind} {scheme} {method} on {args.samples} samples "
-              f"({time.perf_counter() - started:.0f} s so far) ...", flush=True)
-        completed = subprocess.run(
-            [sys.executable, __file__, "--one", model_kind, scheme, method, str(args.samples)],
-            capture_output=True, text=True,
-        )
-        lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
-        if completed.returncode != 0 or not lines:
-            print(completed.stderr[-3000:], file=sys.stderr)
-            raise SystemExit(f"cell {model_kind} {scheme} {method} failed (exit {completed.returncode})")
-        cell = json.loads(lines[0].removeprefix("RESULT "))
-        saved.write_text(json.dumps(cell) + "\n")
-        cells[(model_kind, scheme, method)] = cell
-        kl = np.mean(cell["per_sample"]["kl_all"])
-        print(f"    KL {kl:.4f}, calibration {cell['calibration_s']} s", flush=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        references = {}
+        for index, (model_kind, scheme, method) in enumerate(todo, 1):
+            saved = CELLS / f"{model_kind}_{scheme}_{method}_{args.samples}.json"
+            if saved.exists() and not args.fresh:
+                cells[(model_kind, scheme, method)] = json.loads(saved.read_text())
+                print(f"[{index}/{len(todo)}] {model_kind} {scheme} {method}: saved result", flush=True)
+                continue
+            if model_kind not in references:
+                references[model_kind] = Path(scratch) / f"{model_kind}_reference.pt"
+                print(f"FP reference of {model_kind} ...", flush=True)
+                run_child(["--reference", model_kind, str(references[model_kind])])
+            print(f"[{index}/{len(todo)}] {model_kind} {scheme} {method} on {args.samples} samples "
+                  f"({time.perf_counter() - started:.0f} s so far) ...", flush=True)
+            output = run_child(["--one", model_kind, scheme, method, str(args.samples), str(references[model_kind])])
+            cell = json.loads(next(l for l in output.splitlines() if l.startswith("RESULT ")).removeprefix("RESULT "))
+            saved.write_text(json.dumps(cell) + "\n")
+            cells[(model_kind, scheme, method)] = cell
+            print(f"    KL {np.mean(cell['per_sample']['kl_all']):.4f}, calibration {cell['calibration_s']} s",
+                  flush=True)
 
+    for saved in sorted(CELLS.glob(f"*_{args.samples}.json")):  # this run's cells and every earlier one
+        cell = json.loads(saved.read_text())
+        cells.setdefault((cell["model"], cell["scheme"], cell["method"]), cell)
     summaries = {key: summarize(cell) for key, cell in cells.items()}
     ratios = ratios_to_best_stock(cells)
     table = markdown(summaries, ratios)

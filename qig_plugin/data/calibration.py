@@ -134,7 +134,8 @@ def build_calibration_dataset(
 
     Each record becomes ``[user: image + prompt, assistant: answer]`` rendered with the processor's chat template
     (which supplies the leading ``<|im_start|>``, so no other special tokens are added) and tokenized by the
-    processor, which expands each image into its image tokens.
+    processor, which expands each image into its image tokens. ``processor`` may be a plain tokenizer when no
+    record has an image (text-only models).
 
     Columns of row i (``seq_i <= max_length``):
         input_ids, attention_mask: ``[seq_i]`` int.
@@ -159,7 +160,7 @@ def build_calibration_dataset(
             "Records with and without images cannot be mixed: every dataset row must have the same columns "
             "(the sequential pipeline traces the model with the first batch)"
         )
-    tokenizer = processor.tokenizer
+    tokenizer = getattr(processor, "tokenizer", processor)  # a processor, or a plain tokenizer for text models
     placeholder_ids = {tokenizer.convert_tokens_to_ids(token) for token in IMAGE_PLACEHOLDER_TOKENS}
     rows = []
     for index, (record, image) in enumerate(zip(records, images)):

@@ -175,6 +175,14 @@ def test_text_only_records_give_text_columns(tiny):
     assert set(dataset.column_names) == {"input_ids", "attention_mask", "loss_mask"}
 
 
+def test_a_plain_tokenizer_renders_text_records_like_the_processor(tiny):
+    records = [CalibrationRecord(None, "Say hi.", "Hi.")]
+    from_processor = build_calibration_dataset(records, tiny.processor, mask_system_prompt=True)
+    from_tokenizer = build_calibration_dataset(records, tiny.processor.tokenizer, mask_system_prompt=True)
+    assert from_tokenizer.column_names == from_processor.column_names
+    assert from_tokenizer[0] == from_processor[0]
+
+
 def test_collator_keeps_the_batch_dimension(tiny):
     batch = batch_one_collator([tiny.dataset[0]])
     seq = len(tiny.dataset[0]["input_ids"])

@@ -92,3 +92,21 @@ def test_vision_tower_is_the_seeded_init_and_lm_head_is_tied(default_model_dir: 
                 assert torch.equal(stored, tensor.to(torch.bfloat16)), name
             else:  # the connector's std comes from the float32 embeddings, recomputed here from bfloat16 ones
                 torch.testing.assert_close(stored.float(), tensor, rtol=2e-2, atol=1e-4)
+
+
+def test_text_model_is_the_default_models_language_model(default_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qig_plugin.models import build_text_model
+
+    text_dir = build_text_model(tmp_path / "text")
+    text_model = AutoModelForCausalLM.from_pretrained(text_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(text_dir)
+    ids = tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = load_model(default_model_dir)(input_ids=ids).logits
+        logits = text_model(input_ids=ids).logits
+    assert type(text_model).__name__ == "LlamaForCausalLM"
+    assert torch.allclose(logits, expected, atol=1e-4)
+    assert tokenizer.chat_template == load_processor(default_model_dir).tokenizer.chat_template
+    assert not list(tmp_path.glob(".text.*"))  # no staging folder left behind

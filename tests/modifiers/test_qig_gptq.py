@@ -146,3 +146,29 @@ def test_recipe_without_plugin_import_says_import_qig_plugin():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode != 0
     assert "import qig_plugin" in result.stderr
+
+
+def test_each_block_starts_from_the_node_count_that_last_passed(tiny_llama_dir, tmp_path, monkeypatch):
+    calls = []  # (block, nodes it started from (None: qig_min_steps), nodes used) per attribution
+    real_block_scores = QIGGPTQModifier._block_scores
+
+    def recording(self, block, *args, **kwargs):
+        started_from = self._qig_block_steps.get(block)
+        scores = real_block_scores(self, block, *args, **kwargs)
+        calls.append((block, started_from, self._qig_block_steps[block]))
+        return scores
+
+    monkeypatch.setattr(QIGGPTQModifier, "_block_scores", recording)
+    quantize(tiny_llama_dir, QIGGPTQModifier(**SCHEME, qig_completeness_tol=1e-4), tmp_path / "qig")
+
+    assert len(calls) == 6 * 2 * 4
+    linears = [c for c in calls if isinstance(c[0], torch.nn.Linear)]
+    assert len(linears) == 6 * 2 * 2 and all(used == 1 for _, _, used in linears)  # exact single node
+    blocks = [c for c in calls if not isinstance(c[0], torch.nn.Linear)]
+    assert {used for _, _, used in blocks} <= {2, 6} and any(used == 6 for _, _, used in blocks)
+    history: dict[int, list] = {}
+    for block, started_from, used in blocks:
+        history.setdefault(id(block), []).append((started_from, used))
+    for calls_of_block in history.values():
+        assert len(calls_of_block) == 6 and calls_of_block[0][0] is None
+        assert all(later[0] == earlier[1] for earlier, later in zip(calls_of_block, calls_of_block[1:]))
