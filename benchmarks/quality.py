@@ -63,11 +63,15 @@ METHODS = {
     "qig_gptq_uniform_32": ("qig_gptq_{scheme}", {}, {"qig_rule": "uniform", "qig_steps": 32, "qig_min_steps": 32},
                             ("w3a16", "w4a8")),
     "qig_gptq_prompt_masked": ("qig_gptq_{scheme}", {}, {}, ("w3a16", "w4a8")),
+    "gptq_prompt_masked": ("qig_gptq_{scheme}", {"QIGGPTQModifier": "UniformWeightedGPTQModifier"}, {},
+                           ("w3a16", "w4a8")),
 }
+# methods calibrated with the chat template's system turn masked (loss_mask 0, honored by the QIG modifiers)
+PROMPT_MASKED = ("qig_gptq_prompt_masked", "gptq_prompt_masked")
 STOCK = ("rtn", "gptq", "awq", "sq_gptq")
 QIG = ("qig_gptq", "qig_awq", "qig_sq_gptq", "qig_sq_qig_gptq")
 CONTROLS = ("norm_gptq", "sink_gptq", "mbq_awq")
-ABLATION = tuple(m for m in METHODS if m.startswith("qig_gptq_"))
+ABLATION = tuple(m for m in METHODS if m.startswith("qig_gptq_")) + ("gptq_prompt_masked",)
 MAIN_METHODS = STOCK + QIG + CONTROLS
 SCHEMES = ("w3a16", "w4a16", "w4a8", "w8a8")
 
@@ -76,7 +80,7 @@ SCHEMES = ("w3a16", "w4a16", "w4a8", "w8a8")
 
 
 def control_modifiers():
-    """The two cheap controls of every GPTQ cell, as QIG-GPTQ with other token scores (same weighting path)."""
+    """The cheap controls of the GPTQ cells, as QIG-GPTQ with other token scores (same weighting path)."""
     from qig_plugin.modifiers import QIGGPTQModifier
     from qig_plugin.modifiers.block_attribution import block_input
 
@@ -96,7 +100,16 @@ def control_modifiers():
             scores[:, 0] = 0.0
             return scores
 
-    return {cls.__name__: cls for cls in (NormWeightedGPTQModifier, SinkMaskedGPTQModifier)}
+    class UniformWeightedGPTQModifier(QIGGPTQModifier):
+        """Control: stock GPTQ over the kept tokens only (weight 1 each, 0 where the loss mask is 0)."""
+
+        qig_iqr_clip: bool = False
+
+        def _block_scores(self, block, weight_args, args, kwargs, baseline_args=None):
+            return torch.ones(block_input(args, kwargs)[1].shape[:2])
+
+    return {cls.__name__: cls for cls in (NormWeightedGPTQModifier, SinkMaskedGPTQModifier,
+                                          UniformWeightedGPTQModifier)}
 
 
 def build_modifiers(method: str, scheme: str) -> list:
@@ -249,7 +262,7 @@ def run_cell(model_kind: str, scheme: str, method: str, samples: int, reference_
         from llmcompressor.pipelines.cache import IntermediatesCache
 
         IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
-    mask_prompt = method == "qig_gptq_prompt_masked"
+    mask_prompt = method in PROMPT_MASKED
     model, processor, dataset, heldout_set, text_ids, tokenizer = load_subject(model_kind, samples, mask_prompt)
     seconds = calibrate(model, processor, build_modifiers(method, scheme), dataset, use_loss_mask=mask_prompt)
     quantized = next_token_log_probs(model.eval(), heldout_set, text_ids)

@@ -252,20 +252,9 @@ def build_default_model(output_dir: str | Path | None = None, overwrite: bool = 
         pad_token_id=tokenizer.pad_token_id,
     )
 
-    model_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging_dir = Path(tempfile.mkdtemp(prefix=f".{model_dir.name}.", dir=model_dir.parent))
-    try:
-        print(f"[qig] saving to {staging_dir}")
-        model.save_pretrained(staging_dir)
-        processor = build_processor(tokenizer)
-        processor.save_pretrained(staging_dir)
-        processor.image_processor.save_pretrained(staging_dir)  # preprocessor_config.json, read by vLLM
-        staging_dir.chmod(0o755)
-        if model_dir.exists():
-            shutil.rmtree(model_dir)
-        staging_dir.rename(model_dir)
-    finally:
-        shutil.rmtree(staging_dir, ignore_errors=True)
+    processor = build_processor(tokenizer)
+    print(f"[qig] saving to {model_dir}")
+    _save_atomically(model_dir, model, processor, processor.image_processor)  # preprocessor_config.json for vLLM
     print(f"[qig] default model ready at {model_dir}")
     return model_dir
 
@@ -291,18 +280,23 @@ def build_text_model(output_dir: str | Path | None = None, overwrite: bool = Fal
     model.tie_weights()
     model.to(torch.bfloat16)
     model.generation_config = vlm.generation_config
+    _save_atomically(model_dir, model, AutoTokenizer.from_pretrained(vlm_dir))
+    return model_dir
+
+
+def _save_atomically(model_dir: Path, *parts) -> None:
+    """``save_pretrained`` every part into a temporary sibling of ``model_dir``, then rename it into place."""
     model_dir.parent.mkdir(parents=True, exist_ok=True)
     staging_dir = Path(tempfile.mkdtemp(prefix=f".{model_dir.name}.", dir=model_dir.parent))
     try:
-        model.save_pretrained(staging_dir)
-        AutoTokenizer.from_pretrained(vlm_dir).save_pretrained(staging_dir)
+        for part in parts:
+            part.save_pretrained(staging_dir)
         staging_dir.chmod(0o755)
         if model_dir.exists():
             shutil.rmtree(model_dir)
         staging_dir.rename(model_dir)
     finally:
         shutil.rmtree(staging_dir, ignore_errors=True)
-    return model_dir
 
 
 def load_processor(model_dir: str | Path = DEFAULT_MODEL_DIR) -> Idefics3Processor:
