@@ -23,6 +23,7 @@ from qig_plugin.attribution.weighted_calibration import (
     weighted_reconstruction_error,
 )
 from qig_plugin.modifiers.block_attribution import TokenMasking, block_input
+from qig_plugin.modifiers.experts import ExpertRoute, ExpertRouting
 from qig_plugin.modifiers.language_model import language_model_name, scope_to_language_model
 
 __all__ = ["TokenWeightedAWQModifier"]
@@ -46,6 +47,10 @@ class TokenWeightedAWQModifier(TokenMasking, AWQModifier):
     _kept_activation_stats: dict[str, list[torch.Tensor]] = PrivateAttr(default_factory=dict)
     # the weights [batch, seq] of each cached batch of the mapping being searched
     _loss_weights: list[torch.Tensor] | None = PrivateAttr(default=None)
+    # MoE: the routing of every linearized experts module, and per expert parent (a 2-D input of
+    # routed rows, e.g. an expert's down_proj) each calibration batch's routed rows
+    _expert_routing: ExpertRouting | None = PrivateAttr(default=None)
+    _expert_routes: dict[torch.nn.Module, list[ExpertRoute]] = PrivateAttr(default_factory=dict)
 
     def _mapping_token_weights(
         self, mapping: ResolvedMapping, keeps: list[torch.Tensor | None]
@@ -55,7 +60,9 @@ class TokenWeightedAWQModifier(TokenMasking, AWQModifier):
         :param mapping: the mapping about to be searched; its cached parent kwargs are
             ``self._parent_args_cache[mapping.parent]``, in calibration-batch order
         :param keeps: per batch, the tokens that count ``[batch, seq]`` (None: all);
-            masked tokens must get weight 0
+            masked tokens must get weight 0. For a parent inside a MoE expert (2-D inputs
+            ``[rows, features]``), ``self._expert_routes[mapping.parent]`` holds each batch's
+            routed rows instead, and the weights are ``[rows]``.
         """
         raise NotImplementedError(f"{type(self).__name__} must define _mapping_token_weights")
 
@@ -74,6 +81,9 @@ class TokenWeightedAWQModifier(TokenMasking, AWQModifier):
 
     def on_calibration_start(self, state: State, event: Event, **kwargs):
         super().on_calibration_start(state, event, **kwargs)
+        self._expert_routing = ExpertRouting(state.model)
+        for experts in self._expert_routing.experts_modules:
+            self.register_hook(experts, self._record_routing, "forward_pre", with_kwargs=True)
         for mapping in self._resolved_mappings:
             if mapping.parent not in self._token_keeps:
                 self._token_keeps[mapping.parent] = []
@@ -91,6 +101,8 @@ class TokenWeightedAWQModifier(TokenMasking, AWQModifier):
         self._token_keeps.clear()
         self._kept_activation_stats.clear()
         self._qig_token_mask = None
+        self._expert_routing = None
+        self._expert_routes.clear()
 
     def _apply_smoothing(self, model: torch.nn.Module) -> None:
         if not torch.accelerator.is_available():
@@ -110,9 +122,16 @@ class TokenWeightedAWQModifier(TokenMasking, AWQModifier):
     def _compute_loss(self, fp16_outputs: list[torch.Tensor], int_w_outputs: list[torch.Tensor]) -> float:
         return weighted_reconstruction_error(fp16_outputs, int_w_outputs, self._loss_weights, self.loss_mode)
 
-    # forward pre-hook of a mapping parent: the kept tokens of this batch
+    def _record_routing(self, experts, args: tuple, kwargs: dict):
+        self._expert_routing.record(experts, args, kwargs)
+
+    # forward pre-hook of a mapping parent: the kept tokens of this batch (an expert's: its routed rows)
     def _record_keep(self, parent: torch.nn.Module, _module, args: tuple, kwargs: dict):
         _, block_in = block_input(args, kwargs)
+        if block_in.ndim == 2 and self._expert_routing.is_expert(parent):
+            self._expert_routes.setdefault(parent, []).append(self._expert_routing.route(parent, block_in.shape[0]))
+            self._token_keeps[parent].append(None)
+            return
         self._token_keeps[parent].append(self._token_mask(block_in, kwargs))
 
     # forward hook of the hooked balance layer: x_mean's sum and count over kept tokens only

@@ -35,6 +35,7 @@ FAMILIES = {
     "mistral3": tiny_models.tiny_mistral3,
 }
 TEXT_ONLY = {"llama", "qwen2", "qwen3", "qwen3_moe"}
+MOE = {"qwen3_moe", "qwen3_vl_moe"}
 
 W4_SYM_G64 = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 64}
 W3_ASYM_G64 = {"num_bits": 3, "type": "int", "symmetric": False, "strategy": "group", "group_size": 64}
@@ -85,12 +86,13 @@ def _fresh(tiny):
     return tiny._replace(model=type(tiny.model).from_pretrained(tiny.model.config.name_or_path, dtype=torch.float32))
 
 
-CASES = [
-    (family, modifier)
-    for family in FAMILIES
-    for modifier in STAGES
-    if not (modifier is MBQModifier and family in TEXT_ONLY)
-]
+# the matrix's "not supported" cells: (family, modifier) -> the start of the error the user gets
+UNSUPPORTED = {
+    **{(family, MBQModifier): "MBQModifier needs a VLM whose config names its image token" for family in TEXT_ONLY - MOE},
+    ("qwen3_moe", MBQModifier): "MBQModifier needs a VLM whose config names its image token",
+    ("qwen3_vl_moe", MBQModifier): "MBQModifier measures gradients at each decoder layer's mlp.down_proj",
+}
+CASES = [(family, modifier) for family in FAMILIES for modifier in STAGES if (family, modifier) not in UNSUPPORTED]
 
 
 @pytest.mark.parametrize(("family", "modifier"), CASES, ids=[f"{f}-{m.__name__}" for f, m in CASES])
@@ -124,3 +126,14 @@ def test_every_qig_modifier_quantizes_the_text_decoder_of_every_family(family, m
     assert len(scales) >= len(quantized) or any("experts" in name for name in quantized)
     config = json.loads((output / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "compressed-tensors"
+
+
+@pytest.mark.parametrize(
+    ("family", "modifier"), list(UNSUPPORTED), ids=[f"{f}-{m.__name__}" for f, m in UNSUPPORTED]
+)
+def test_unsupported_cells_fail_with_the_reason_and_the_alternative(family, modifier, built, tmp_path):
+    tiny = _fresh(built(family))
+    with pytest.raises(ValueError, match=UNSUPPORTED[(family, modifier)]) as error:
+        quantize_to_checkpoint(tiny.model, tiny.processor, _recipe(modifier, tiny.ignore), tiny.dataset, tmp_path / "out")
+    assert "use QIGAWQModifier" in str(error.value).replace("Use ", "use ")
+    assert not (tmp_path / "out").exists()
