@@ -11,6 +11,8 @@ Everything else (grid, duo scaling, folding, the following quantization stage) i
 from functools import partial
 
 import torch
+import torch.distributed as dist
+from compressed_tensors.distributed import is_distributed
 from llmcompressor.core import Event, State
 from llmcompressor.modifiers.transform.awq import AWQModifier
 from llmcompressor.modifiers.transform.awq.dynamic_mappings import get_layer_mappings_from_model
@@ -120,7 +122,17 @@ class TokenWeightedAWQModifier(TokenMasking, AWQModifier):
             self._loss_weights = None
 
     def _compute_loss(self, fp16_outputs: list[torch.Tensor], int_w_outputs: list[torch.Tensor]) -> float:
-        return weighted_reconstruction_error(fp16_outputs, int_w_outputs, self._loss_weights, self.loss_mode)
+        """The weighted loss over this process's batches or, distributed, over every rank's (as stock AWQ sums)."""
+        loss = weighted_reconstruction_error(fp16_outputs, int_w_outputs, self._loss_weights, self.loss_mode)
+        if not is_distributed():
+            return loss
+        # numerator and denominator summed over ranks, so every rank picks the same scales
+        denominator = sum(
+            (lam.double().sum().item() * out.shape[-1] for lam, out in zip(self._loss_weights, fp16_outputs)), 0.0
+        )
+        sums = torch.tensor([loss * denominator, denominator], dtype=torch.float64, device=_collective_device())
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+        return (sums[0] / sums[1]).item()
 
     def _record_routing(self, experts, args: tuple, kwargs: dict):
         self._expert_routing.record(experts, args, kwargs)
@@ -143,6 +155,14 @@ class TokenWeightedAWQModifier(TokenMasking, AWQModifier):
         )
         stats[0] += total.cpu()
         stats[1] += count
+
+
+def _collective_device() -> torch.device:
+    """Where a tensor must be for the process group's collectives: CPU for gloo, else the current accelerator."""
+    if dist.get_backend() == "gloo" or not torch.accelerator.is_available():
+        return torch.device("cpu")
+    accelerator = torch.accelerator.current_accelerator()
+    return torch.device(accelerator.type, torch.accelerator.current_device_index())
 
 
 def _skip_pinning(batch_index: int, input_names: list[str] | None = None) -> None:
