@@ -38,6 +38,7 @@ class QIGGPTQModifier(QIGAttribution, GPTQModifier):
     qig_baseline: Literal["zero", "quantized"] = "zero"
 
     _qig_groups: list[SubLayerGroup] = PrivateAttr(default_factory=list)
+    _qig_group_of: dict[torch.nn.Module, SubLayerGroup] = PrivateAttr(default_factory=dict)
     _qig_weights: dict[torch.nn.Module, torch.Tensor] = PrivateAttr(default_factory=dict)
     _expert_routing: ExpertRouting | None = PrivateAttr(default=None)
 
@@ -49,6 +50,7 @@ class QIGGPTQModifier(QIGAttribution, GPTQModifier):
             if isinstance(module, torch.nn.Linear) and module in self._module_names
         ]
         self._qig_groups = resolve_groups(state.model, names)
+        self._qig_group_of = {linear: group for group in self._qig_groups for linear in group.linears}
         if self.qig_baseline == "quantized":
             weight_only = [g.block_name for g in self._qig_groups if g.input_args is None]
             if weight_only:
@@ -71,6 +73,14 @@ class QIGGPTQModifier(QIGAttribution, GPTQModifier):
         ``lambda`` is ``[batch, seq]`` for ``[batch, seq, features]`` inputs, ``[rows]`` for an expert's ``[rows, features]``.
         """
         weights = self._qig_weights.pop(module, None)
+        if weights is None and args[0].ndim == 3 and module in self._qig_group_of:
+            raise ValueError(
+                f"QIG could not place {self._module_names.get(module, type(module).__name__)}: it ran on a "
+                f"[batch, seq, features] input without its sub-layer group's block "
+                f"({self._qig_group_of[module].block_name}) running first on this batch, so it has no token "
+                "weights (the model calls it outside that block, or twice per block call). Quantize it with a "
+                "stock GPTQModifier: add it to this QIGGPTQModifier's ignore list and target it in a GPTQModifier"
+            )
         if weights is not None:
             inp = args[0]
             inp = inp.float() * weights.to(inp.device).sqrt().unsqueeze(-1)
@@ -82,6 +92,7 @@ class QIGGPTQModifier(QIGAttribution, GPTQModifier):
         self._qig_weights.clear()
         self._qig_token_mask = None
         self._expert_routing = None
+        self._qig_group_of.clear()
 
     def _record_routing(self, experts, args: tuple, kwargs: dict[str, Any]):
         self._expert_routing.record(experts, args, kwargs)
