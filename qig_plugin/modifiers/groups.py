@@ -3,7 +3,9 @@
 A group is a set of targeted linears that read the same input, plus the block whose
 output discrepancy QIG attributes: q/k/v -> the attention module, gate/up -> the MLP,
 and any other linear (o_proj, down_proj, ...) -> the linear itself. Groups come from
-llm-compressor's own AWQ mappings (their multi-layer balance sets), not from class names.
+llm-compressor's own mappings for the model, not from class names: the multi-layer balance
+sets of its AWQ mappings, then of its SmoothQuant mappings (Gemma 3's AWQ mappings leave out
+q/k/v, whose input norm AWQ does not smooth there, but they still read one input).
 """
 
 from collections import defaultdict
@@ -14,6 +16,9 @@ from compressed_tensors.quantization import QuantizationArgs
 from compressed_tensors.utils import match_name
 from llmcompressor.modifiers.transform.awq.base import get_lowest_common_ancestor_with_avoid
 from llmcompressor.modifiers.transform.awq.dynamic_mappings import get_layer_mappings_from_model
+from llmcompressor.modifiers.transform.smoothquant.dynamic_mappings import (
+    get_layer_mappings_from_model as get_smoothquant_mappings_from_model,
+)
 
 
 @dataclass
@@ -56,9 +61,9 @@ def resolve_groups(model: torch.nn.Module, linear_names: list[str]) -> list[SubL
     :param linear_names: names of the linears being calibrated
     :return: one group per block, in model order
     """
-    shared_input_sets = [
-        m.balance_layers for m in get_layer_mappings_from_model(model) if len(m.balance_layers) > 1
-    ]
+    balance_sets = [m.balance_layers for m in get_layer_mappings_from_model(model)]
+    balance_sets += [m.balance_layers for m in get_smoothquant_mappings_from_model(model)]
+    shared_input_sets = [patterns for patterns in balance_sets if len(patterns) > 1]
     members: dict[tuple[int, str], list[str]] = defaultdict(list)
     for name in linear_names:
         set_index = next(

@@ -89,6 +89,13 @@ class MBQModifier(TokenWeightedAWQModifier):
         :return: floored ratios ``[layers]`` at o_proj and at down_proj
         """
         model = state.model
+        for index, layer in enumerate(layers):
+            if not hasattr(layer.mlp, "down_proj"):
+                raise ValueError(
+                    f"MBQModifier measures gradients at each decoder layer's mlp.down_proj, but layer {index}'s mlp is "
+                    f"a {type(layer.mlp).__name__} (mixture of experts) without one; use QIGAWQModifier or "
+                    "QIGGPTQModifier for MoE models"
+                )
         outputs = [layer.self_attn.o_proj for layer in layers] + [layer.mlp.down_proj for layer in layers]
         # per hooked output: [vision |g| sum, vision count, answer |g| sum, answer count], summed over samples
         totals = torch.zeros(len(outputs), 4, dtype=torch.float64)

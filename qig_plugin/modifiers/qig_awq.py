@@ -4,13 +4,16 @@ For each mapping (input-norm -> q/k/v, v -> o where shapes allow, post-norm -> g
 up -> down) the QIG weight ``lambda`` (``[batch, seq]``, mean 1 over each sample's kept
 tokens) is computed through the mapping's parent block (attention, the MLP, or the
 balance linear itself) on every cached calibration batch, right before that mapping's
-grid search, and the search minimizes ``sum_t lambda_t e_t / sum_t lambda_t``.
+grid search, and the search minimizes ``sum_t lambda_t e_t / sum_t lambda_t``. On MoE
+decoders, an expert's up -> down mapping weights the rows of its routed tokens by their QIG
+score through the expert times their routing weight (:mod:`qig_plugin.modifiers.experts`).
 """
 
 import torch
 from llmcompressor.modifiers.transform.awq.mappings import ResolvedMapping
 
-from qig_plugin.modifiers.block_attribution import QIGAttribution, quantized_linears
+from qig_plugin.modifiers.block_attribution import QIGAttribution, block_input, quantized_linears
+from qig_plugin.modifiers.experts import expert_token_weights, routed_call
 from qig_plugin.modifiers.weighted_awq import TokenWeightedAWQModifier
 
 __all__ = ["QIGAWQModifier"]
@@ -36,7 +39,17 @@ class QIGAWQModifier(QIGAttribution, TokenWeightedAWQModifier):
             raise RuntimeError(
                 f"{mapping.parent_name}: {len(batches)} cached batches but {len(keeps)} token masks"
             )
-        return [
-            self._token_weights(self._block_scores(mapping.parent, weight_args, (), kwargs), keep)
-            for kwargs, keep in zip(batches, keeps)
-        ]
+        routes = self._expert_routes.pop(mapping.parent, None)
+        if routes is None:
+            return [
+                self._token_weights(self._block_scores(mapping.parent, weight_args, (), kwargs), keep)
+                for kwargs, keep in zip(batches, keeps)
+            ]
+        iqr_k = self.qig_iqr_k if self.qig_iqr_clip else None
+        weights = []
+        for kwargs, route in zip(batches, routes):
+            position, _ = block_input((), kwargs)
+            routed_args, routed_kwargs = routed_call((), kwargs, position, route)
+            scores = self._block_scores(mapping.parent, weight_args, routed_args, routed_kwargs)
+            weights.append(expert_token_weights(scores, route, iqr_k))
+        return weights

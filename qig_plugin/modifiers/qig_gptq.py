@@ -4,7 +4,9 @@ Stock GPTQ accumulates ``H = 2 sum_t x_t x_t^T``; this modifier accumulates
 ``H = 2 sum_t lambda_t x_t x_t^T``, where ``lambda`` (``[batch, seq]``, mean 1 over each
 sample's kept tokens) is the QIG weight computed from the linear's own sub-layer group
 (attention for q/k/v, the MLP for gate/up, the linear itself for o_proj/down_proj) on the
-same batch, right before that block runs. Everything else is stock ``GPTQModifier``.
+same batch, right before that block runs. MoE experts (2-D inputs of routed tokens) are
+attributed on the tokens routed to them (:mod:`qig_plugin.modifiers.experts`). Everything else
+is stock ``GPTQModifier``.
 """
 
 from functools import partial
@@ -17,6 +19,7 @@ from llmcompressor.modifiers.gptq import GPTQModifier
 from pydantic import PrivateAttr
 
 from qig_plugin.modifiers.block_attribution import QIGAttribution, block_input
+from qig_plugin.modifiers.experts import ExpertRouting, expert_token_weights, routed_call
 from qig_plugin.modifiers.groups import SubLayerGroup, resolve_groups
 
 __all__ = ["QIGGPTQModifier"]
@@ -35,7 +38,9 @@ class QIGGPTQModifier(QIGAttribution, GPTQModifier):
     qig_baseline: Literal["zero", "quantized"] = "zero"
 
     _qig_groups: list[SubLayerGroup] = PrivateAttr(default_factory=list)
+    _qig_group_of: dict[torch.nn.Module, SubLayerGroup] = PrivateAttr(default_factory=dict)
     _qig_weights: dict[torch.nn.Module, torch.Tensor] = PrivateAttr(default_factory=dict)
+    _expert_routing: ExpertRouting | None = PrivateAttr(default=None)
 
     def on_calibration_start(self, state: State, event: Event, **kwargs):
         super().on_calibration_start(state, event, **kwargs)
@@ -45,6 +50,7 @@ class QIGGPTQModifier(QIGAttribution, GPTQModifier):
             if isinstance(module, torch.nn.Linear) and module in self._module_names
         ]
         self._qig_groups = resolve_groups(state.model, names)
+        self._qig_group_of = {linear: group for group in self._qig_groups for linear in group.linears}
         if self.qig_baseline == "quantized":
             weight_only = [g.block_name for g in self._qig_groups if g.input_args is None]
             if weight_only:
@@ -53,14 +59,28 @@ class QIGGPTQModifier(QIGAttribution, GPTQModifier):
                     f"{weight_only[0]} is weight-only (its quantized input equals its input); "
                     "use qig_baseline: zero"
                 )
+        self._expert_routing = ExpertRouting(state.model)
+        for experts in self._expert_routing.experts_modules:
+            self.register_hook(experts, self._record_routing, "forward_pre", with_kwargs=True)
         for group in self._qig_groups:
             self.register_hook(
                 group.block, partial(self._attribute_group, group), "forward_pre", with_kwargs=True
             )
 
     def calibrate_module(self, module: torch.nn.Module, args: tuple[torch.Tensor, ...], _output):
-        """Scale the input rows by ``sqrt(lambda_t)`` so GPTQ's ``x x^T`` becomes ``lambda x x^T``."""
+        """Scale the input rows by ``sqrt(lambda_t)`` so GPTQ's ``x x^T`` becomes ``lambda x x^T``.
+
+        ``lambda`` is ``[batch, seq]`` for ``[batch, seq, features]`` inputs, ``[rows]`` for an expert's ``[rows, features]``.
+        """
         weights = self._qig_weights.pop(module, None)
+        if weights is None and args[0].ndim == 3 and module in self._qig_group_of:
+            raise ValueError(
+                f"QIG could not place {self._module_names.get(module, type(module).__name__)}: it ran on a "
+                f"[batch, seq, features] input without its sub-layer group's block "
+                f"({self._qig_group_of[module].block_name}) running first on this batch, so it has no token "
+                "weights (the model calls it outside that block, or twice per block call). Quantize it with a "
+                "stock GPTQModifier: add it to this QIGGPTQModifier's ignore list and target it in a GPTQModifier"
+            )
         if weights is not None:
             inp = args[0]
             inp = inp.float() * weights.to(inp.device).sqrt().unsqueeze(-1)
@@ -71,15 +91,28 @@ class QIGGPTQModifier(QIGAttribution, GPTQModifier):
         super().on_calibration_end(state, event, **kwargs)
         self._qig_weights.clear()
         self._qig_token_mask = None
+        self._expert_routing = None
+        self._qig_group_of.clear()
+
+    def _record_routing(self, experts, args: tuple, kwargs: dict[str, Any]):
+        self._expert_routing.record(experts, args, kwargs)
 
     # forward pre-hook of a group's block: compute lambda for its linears on this batch
     def _attribute_group(self, group: SubLayerGroup, block, args: tuple, kwargs: dict[str, Any]):
-        _, block_in = block_input(args, kwargs)
-        if block_in.ndim != 3:
-            return
-        keep = self._token_mask(block_in, kwargs)
+        position, block_in = block_input(args, kwargs)
         baseline_args = None if self.qig_baseline == "zero" else group.input_args
-        scores = self._block_scores(block, group.weight_args, args, kwargs, baseline_args)
-        weights = self._token_weights(scores, keep)
+        if block_in.ndim == 2 and self._expert_routing.is_expert(block):
+            route = self._expert_routing.route(block, block_in.shape[0])
+            if route is None:
+                return
+            routed_args, routed_kwargs = routed_call(args, kwargs, position, route)
+            scores = self._block_scores(block, group.weight_args, routed_args, routed_kwargs, baseline_args)
+            weights = expert_token_weights(scores, route, self.qig_iqr_k if self.qig_iqr_clip else None)
+        elif block_in.ndim == 3:
+            keep = self._token_mask(block_in, kwargs)
+            scores = self._block_scores(block, group.weight_args, args, kwargs, baseline_args)
+            weights = self._token_weights(scores, keep)
+        else:
+            return
         for linear in group.linears:
             self._qig_weights[linear] = weights

@@ -11,6 +11,8 @@ Everything else (grid, duo scaling, folding, the following quantization stage) i
 from functools import partial
 
 import torch
+import torch.distributed as dist
+from compressed_tensors.distributed import is_distributed
 from llmcompressor.core import Event, State
 from llmcompressor.modifiers.transform.awq import AWQModifier
 from llmcompressor.modifiers.transform.awq.dynamic_mappings import get_layer_mappings_from_model
@@ -23,6 +25,7 @@ from qig_plugin.attribution.weighted_calibration import (
     weighted_reconstruction_error,
 )
 from qig_plugin.modifiers.block_attribution import TokenMasking, block_input
+from qig_plugin.modifiers.experts import ExpertRoute, ExpertRouting
 from qig_plugin.modifiers.language_model import language_model_name, scope_to_language_model
 
 __all__ = ["TokenWeightedAWQModifier"]
@@ -46,6 +49,10 @@ class TokenWeightedAWQModifier(TokenMasking, AWQModifier):
     _kept_activation_stats: dict[str, list[torch.Tensor]] = PrivateAttr(default_factory=dict)
     # the weights [batch, seq] of each cached batch of the mapping being searched
     _loss_weights: list[torch.Tensor] | None = PrivateAttr(default=None)
+    # MoE: the routing of every linearized experts module, and per expert parent (a 2-D input of
+    # routed rows, e.g. an expert's down_proj) each calibration batch's routed rows
+    _expert_routing: ExpertRouting | None = PrivateAttr(default=None)
+    _expert_routes: dict[torch.nn.Module, list[ExpertRoute]] = PrivateAttr(default_factory=dict)
 
     def _mapping_token_weights(
         self, mapping: ResolvedMapping, keeps: list[torch.Tensor | None]
@@ -55,7 +62,9 @@ class TokenWeightedAWQModifier(TokenMasking, AWQModifier):
         :param mapping: the mapping about to be searched; its cached parent kwargs are
             ``self._parent_args_cache[mapping.parent]``, in calibration-batch order
         :param keeps: per batch, the tokens that count ``[batch, seq]`` (None: all);
-            masked tokens must get weight 0
+            masked tokens must get weight 0. For a parent inside a MoE expert (2-D inputs
+            ``[rows, features]``), ``self._expert_routes[mapping.parent]`` holds each batch's
+            routed rows instead, and the weights are ``[rows]``.
         """
         raise NotImplementedError(f"{type(self).__name__} must define _mapping_token_weights")
 
@@ -74,6 +83,9 @@ class TokenWeightedAWQModifier(TokenMasking, AWQModifier):
 
     def on_calibration_start(self, state: State, event: Event, **kwargs):
         super().on_calibration_start(state, event, **kwargs)
+        self._expert_routing = ExpertRouting(state.model)
+        for experts in self._expert_routing.experts_modules:
+            self.register_hook(experts, self._record_routing, "forward_pre", with_kwargs=True)
         for mapping in self._resolved_mappings:
             if mapping.parent not in self._token_keeps:
                 self._token_keeps[mapping.parent] = []
@@ -91,6 +103,8 @@ class TokenWeightedAWQModifier(TokenMasking, AWQModifier):
         self._token_keeps.clear()
         self._kept_activation_stats.clear()
         self._qig_token_mask = None
+        self._expert_routing = None
+        self._expert_routes.clear()
 
     def _apply_smoothing(self, model: torch.nn.Module) -> None:
         if not torch.accelerator.is_available():
@@ -108,11 +122,28 @@ class TokenWeightedAWQModifier(TokenMasking, AWQModifier):
             self._loss_weights = None
 
     def _compute_loss(self, fp16_outputs: list[torch.Tensor], int_w_outputs: list[torch.Tensor]) -> float:
-        return weighted_reconstruction_error(fp16_outputs, int_w_outputs, self._loss_weights, self.loss_mode)
+        """The weighted loss over this process's batches or, distributed, over every rank's (as stock AWQ sums)."""
+        loss = weighted_reconstruction_error(fp16_outputs, int_w_outputs, self._loss_weights, self.loss_mode)
+        if not is_distributed():
+            return loss
+        # numerator and denominator summed over ranks, so every rank picks the same scales
+        denominator = sum(
+            (lam.double().sum().item() * out.shape[-1] for lam, out in zip(self._loss_weights, fp16_outputs)), 0.0
+        )
+        sums = torch.tensor([loss * denominator, denominator], dtype=torch.float64, device=_collective_device())
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+        return (sums[0] / sums[1]).item()
 
-    # forward pre-hook of a mapping parent: the kept tokens of this batch
+    def _record_routing(self, experts, args: tuple, kwargs: dict):
+        self._expert_routing.record(experts, args, kwargs)
+
+    # forward pre-hook of a mapping parent: the kept tokens of this batch (an expert's: its routed rows)
     def _record_keep(self, parent: torch.nn.Module, _module, args: tuple, kwargs: dict):
         _, block_in = block_input(args, kwargs)
+        if block_in.ndim == 2 and self._expert_routing.is_expert(parent):
+            self._expert_routes.setdefault(parent, []).append(self._expert_routing.route(parent, block_in.shape[0]))
+            self._token_keeps[parent].append(None)
+            return
         self._token_keeps[parent].append(self._token_mask(block_in, kwargs))
 
     # forward hook of the hooked balance layer: x_mean's sum and count over kept tokens only
@@ -124,6 +155,14 @@ class TokenWeightedAWQModifier(TokenMasking, AWQModifier):
         )
         stats[0] += total.cpu()
         stats[1] += count
+
+
+def _collective_device() -> torch.device:
+    """Where a tensor must be for the process group's collectives: CPU for gloo, else the current accelerator."""
+    if dist.get_backend() == "gloo" or not torch.accelerator.is_available():
+        return torch.device("cpu")
+    accelerator = torch.accelerator.current_accelerator()
+    return torch.device(accelerator.type, torch.accelerator.current_device_index())
 
 
 def _skip_pinning(batch_index: int, input_names: list[str] | None = None) -> None:

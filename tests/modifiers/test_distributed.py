@@ -1,0 +1,132 @@
+"""QIG under llm-compressor's distributed calibration: 2 CPU processes (gloo) against one process.
+
+Each rank calibrates its own shard of the samples (llm-compressor 0.14.0.1's automatic partition of a dataset
+that is identical on every rank is broken: it builds the sampler over the rank's partition but indexes the
+full dataset with it, so every rank calibrates the first partition; give each rank its own shard instead).
+GPTQ then sums every module's Hessian onto the rank that compresses it and
+broadcasts the result, and AWQ sums its grid-search loss. QIG's token weights are per sample, so each rank
+computes its own samples' weights; the reduced Hessians and losses must then equal the single-process ones.
+
+Only the first decoder layer is compared with the single process: its inputs are the embeddings on every
+rank. Later layers see the quantized earlier layers, which llm-compressor shares between ranks through the
+offloaded CPU memory of a model loaded for distributed use (it skips the qparam broadcast for CPU modules);
+these separately loaded CPU processes do not share it, so from layer 1 on each rank propagates through its
+own copy, of which only the modules it compressed are quantized.
+"""
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+WORLD_SIZE = 2
+SAMPLES = 4
+FIRST_LAYER = "model.layers.0."
+
+
+def _calibrate(model_dir: Path, data_dir: Path, shard: range) -> dict:
+    """QIG-GPTQ (W8A8) on ``shard`` of the saved samples; what this process computed, by name."""
+    from datasets import load_from_disk
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.gptq import base as gptq_base
+
+    from qig_plugin.modifiers import QIGGPTQModifier
+    from tests.modifiers.tiny_llama import load_tiny_llama, tiny_tokenizer
+
+    hessians = {}
+    real_compress = gptq_base.GPTQModifier.compress_module_list
+
+    def record_hessians(self, module_list):
+        for module in module_list:
+            hessians[self._module_names[module]] = (self._hessians[module] / self._num_samples[module]).clone()
+        return real_compress(self, module_list)
+
+    gptq_base.GPTQModifier.compress_module_list = record_hessians
+    model = load_tiny_llama(model_dir)
+    oneshot(
+        model=model,
+        processor=tiny_tokenizer(),
+        dataset=load_from_disk(str(data_dir)).select(shard),
+        recipe=[QIGGPTQModifier(qig_steps=2, scheme="W8A8", ignore=["lm_head"])],
+        num_calibration_samples=len(shard),
+        pipeline="sequential",
+        shuffle_calibration_samples=False,
+    )
+    return {
+        "hessians": hessians,
+        "scales": {n: m.weight_scale.detach().clone() for n, m in model.named_modules() if hasattr(m, "weight_scale")},
+    }
+
+
+def _awq_loss(batches: list[int]) -> float:
+    """QIG-AWQ's grid-search loss over the given batches of a fixed random set (distributed: summed over ranks)."""
+    from qig_plugin.modifiers import QIGAWQModifier
+
+    generator = torch.Generator().manual_seed(0)
+    reference = [torch.randn(1, 5, 8, generator=generator) for _ in range(SAMPLES)]
+    candidate = [torch.randn(1, 5, 8, generator=generator) for _ in range(SAMPLES)]
+    weights = [torch.rand(1, 5, generator=generator) * (i + 1) for i in range(SAMPLES)]
+    modifier = QIGAWQModifier()
+    modifier._loss_weights = [weights[i] for i in batches]
+    return modifier._compute_loss([reference[i] for i in batches], [candidate[i] for i in batches])
+
+
+def _rank_main(rank: int, port: int, model_dir: Path, data_dir: Path, out_dir: Path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
+    try:
+        shard = range(rank * SAMPLES // WORLD_SIZE, (rank + 1) * SAMPLES // WORLD_SIZE)
+        result = _calibrate(model_dir, data_dir, shard)
+        result["awq_loss"] = _awq_loss(list(shard))
+        torch.save(result, out_dir / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The single-process result and each rank's result of a 2-process gloo run, on the same 4 samples."""
+    from tests.modifiers.tiny_llama import build_tiny_llama, random_token_dataset
+
+    root = tmp_path_factory.mktemp("distributed")
+    model_dir = build_tiny_llama(root / "model")
+    random_token_dataset(samples=SAMPLES).save_to_disk(str(root / "data"))
+    mp.spawn(_rank_main, args=(_free_port(), model_dir, root / "data", root), nprocs=WORLD_SIZE, join=True)
+    single = _calibrate(model_dir, root / "data", range(SAMPLES))
+    single["awq_loss"] = _awq_loss(list(range(SAMPLES)))
+    return single, [torch.load(root / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
+
+
+def test_each_rank_calibrates_its_partition_and_the_reduced_hessians_equal_one_process(runs):
+    single, ranks = runs
+    distributed = {name: h for result in ranks for name, h in result["hessians"].items()}
+    assert all(result["hessians"] for result in ranks)  # both ranks compressed modules
+    assert sum(len(result["hessians"]) for result in ranks) == len(single["hessians"]) == 14  # no module twice
+    first_layer = [name for name in single["hessians"] if name.startswith(FIRST_LAYER)]
+    assert len(first_layer) == 7
+    for name in first_layer:
+        torch.testing.assert_close(distributed[name], single["hessians"][name], rtol=1e-5, atol=1e-6)
+
+
+def test_each_modules_owner_rank_quantizes_it_as_one_process_does(runs):
+    single, ranks = runs
+    for result in ranks:
+        for name in result["hessians"]:  # the modules this rank compressed
+            if name.startswith(FIRST_LAYER):
+                torch.testing.assert_close(result["scales"][name], single["scales"][name], rtol=1e-4, atol=1e-7)
+
+
+def test_qig_awq_loss_is_summed_over_ranks(runs):
+    single, ranks = runs
+    assert [result["awq_loss"] for result in ranks] == pytest.approx([single["awq_loss"]] * WORLD_SIZE, rel=1e-9)
