@@ -1,6 +1,6 @@
 """Does QIG preserve the model better than stock GPTQ, AWQ, SmoothQuant and MBQ? Fidelity to the FP parent.
 
-    python benchmarks/quality.py --quick      # VLM, W3A16, RTN/GPTQ/QIG-GPTQ + both controls, 8 samples
+    python benchmarks/quality.py --quick      # VLM, W3A16, RTN/GPTQ/QIG-GPTQ + the norm control, 8 samples
     python benchmarks/quality.py              # every scheme x method on both models, then the ablation
     python benchmarks/quality.py --models vlm --schemes w3a16 --methods gptq qig_gptq
 
@@ -15,7 +15,8 @@ samples; QIG/stock KL ratios use paired resamples.
 Every cell (model, scheme, method) runs in its own process on the same records with the same seed and
 saves its per-sample metrics under ``benchmarks/results/quality_cells/`` (reused on later runs unless
 ``--fresh``); the summary of every saved cell with the same sample count goes to
-``benchmarks/results/quality.json``, ``quality.md`` and ``quality.png``.
+``benchmarks/results/quality.json``, ``quality.md`` and ``quality.png``. ``--quick`` keeps no cells and writes
+``quality_quick.*`` instead.
 Cell wall times are the ``oneshot`` calibration alone (same data, one run each).
 """
 
@@ -65,6 +66,8 @@ METHODS = {
     "qig_gptq_prompt_masked": ("qig_gptq_{scheme}", {}, {}, ("w3a16", "w4a8")),
     "gptq_prompt_masked": ("qig_gptq_{scheme}", {"QIGGPTQModifier": "UniformWeightedGPTQModifier"}, {},
                            ("w3a16", "w4a8")),
+    "qig_gptq_split_attention": ("qig_gptq_{scheme}", {"QIGGPTQModifier": "SplitAttentionQIGGPTQModifier"}, {},
+                                 ("w3a16", "w4a8")),
 }
 # methods calibrated with the chat template's system turn masked (loss_mask 0, honored by the QIG modifiers)
 PROMPT_MASKED = ("qig_gptq_prompt_masked", "gptq_prompt_masked")
@@ -108,8 +111,23 @@ def control_modifiers():
         def _block_scores(self, block, weight_args, args, kwargs, baseline_args=None):
             return torch.ones(block_input(args, kwargs)[1].shape[:2])
 
+    class SplitAttentionQIGGPTQModifier(QIGGPTQModifier):
+        """Experiment: q_proj weighted by the attribution of quantizing q alone, k/v by quantizing k and v
+        alone (an error in q_t reaches only output t, one in k_t/v_t every later output that attends to t)."""
+
+        def _attribute_group(self, group, block, args, kwargs):
+            if not group.block_name.endswith("self_attn"):
+                return super()._attribute_group(group, block, args, kwargs)
+            _, block_in = block_input(args, kwargs)
+            keep = self._token_mask(block_in, kwargs)
+            query, key_value = group.linears[:1], group.linears[1:]
+            for linears in (query, key_value):
+                scores = self._block_scores(block, {m: group.weight_args[m] for m in linears}, args, kwargs)
+                for linear in linears:
+                    self._qig_weights[linear] = self._token_weights(scores, keep)
+
     return {cls.__name__: cls for cls in (NormWeightedGPTQModifier, SinkMaskedGPTQModifier,
-                                          UniformWeightedGPTQModifier)}
+                                          UniformWeightedGPTQModifier, SplitAttentionQIGGPTQModifier)}
 
 
 def build_modifiers(method: str, scheme: str) -> list:
@@ -401,47 +419,52 @@ def main() -> None:
         return
     if args.quick:
         args.models, args.schemes, args.samples = ["vlm"], ["w3a16"], 8
-        args.methods = args.methods or ["rtn", "gptq", "qig_gptq", "norm_gptq", "sink_gptq"]
+        args.methods = args.methods or ["rtn", "gptq", "qig_gptq", "norm_gptq"]
+    with tempfile.TemporaryDirectory() as scratch:
+        # --quick computes every cell afresh, keeps none, and writes quality_quick.*
+        cells_dir = Path(scratch) / "cells" if args.quick else CELLS
+        run_grid(args, cells_dir, Path(scratch), "quality_quick" if args.quick else "quality")
 
+
+def run_grid(args, cells_dir: Path, scratch: Path, stem: str) -> None:
+    """Run the planned cells not saved in ``cells_dir`` yet; summarize every saved cell of this sample count."""
     started = time.perf_counter()
     cells = {}
     todo = plan(args)
-    CELLS.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as scratch:
-        references = {}
-        for index, (model_kind, scheme, method) in enumerate(todo, 1):
-            saved = CELLS / f"{model_kind}_{scheme}_{method}_{args.samples}.json"
-            if saved.exists() and not args.fresh:
-                cells[(model_kind, scheme, method)] = json.loads(saved.read_text())
-                print(f"[{index}/{len(todo)}] {model_kind} {scheme} {method}: saved result", flush=True)
-                continue
-            if model_kind not in references:
-                references[model_kind] = Path(scratch) / f"{model_kind}_reference.pt"
-                print(f"FP reference of {model_kind} ...", flush=True)
-                run_child(["--reference", model_kind, str(references[model_kind])])
-            print(f"[{index}/{len(todo)}] {model_kind} {scheme} {method} on {args.samples} samples "
-                  f"({time.perf_counter() - started:.0f} s so far) ...", flush=True)
-            output = run_child(["--one", model_kind, scheme, method, str(args.samples), str(references[model_kind])])
-            cell = json.loads(next(l for l in output.splitlines() if l.startswith("RESULT ")).removeprefix("RESULT "))
-            saved.write_text(json.dumps(cell) + "\n")
-            cells[(model_kind, scheme, method)] = cell
-            print(f"    KL {np.mean(cell['per_sample']['kl_all']):.4f}, calibration {cell['calibration_s']} s",
-                  flush=True)
+    cells_dir.mkdir(parents=True, exist_ok=True)
+    references = {}
+    for index, (model_kind, scheme, method) in enumerate(todo, 1):
+        saved = cells_dir / f"{model_kind}_{scheme}_{method}_{args.samples}.json"
+        if saved.exists() and not args.fresh:
+            cells[(model_kind, scheme, method)] = json.loads(saved.read_text())
+            print(f"[{index}/{len(todo)}] {model_kind} {scheme} {method}: saved result", flush=True)
+            continue
+        if model_kind not in references:
+            references[model_kind] = scratch / f"{model_kind}_reference.pt"
+            print(f"FP reference of {model_kind} ...", flush=True)
+            run_child(["--reference", model_kind, str(references[model_kind])])
+        print(f"[{index}/{len(todo)}] {model_kind} {scheme} {method} on {args.samples} samples "
+              f"({time.perf_counter() - started:.0f} s so far) ...", flush=True)
+        output = run_child(["--one", model_kind, scheme, method, str(args.samples), str(references[model_kind])])
+        cell = json.loads(next(l for l in output.splitlines() if l.startswith("RESULT ")).removeprefix("RESULT "))
+        saved.write_text(json.dumps(cell) + "\n")
+        cells[(model_kind, scheme, method)] = cell
+        print(f"    KL {np.mean(cell['per_sample']['kl_all']):.4f}, calibration {cell['calibration_s']} s", flush=True)
 
-    for saved in sorted(CELLS.glob(f"*_{args.samples}.json")):  # this run's cells and every earlier one
+    for saved in sorted(cells_dir.glob(f"*_{args.samples}.json")):  # this run's cells and every earlier one
         cell = json.loads(saved.read_text())
         cells.setdefault((cell["model"], cell["scheme"], cell["method"]), cell)
     summaries = {key: summarize(cell) for key, cell in cells.items()}
     ratios = ratios_to_best_stock(cells)
     table = markdown(summaries, ratios)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "quality.json").write_text(json.dumps({
+    (RESULTS / f"{stem}.json").write_text(json.dumps({
         "samples": args.samples, "seed": SEED, "text_passages": TEXT_PASSAGES, "text_tokens": TEXT_TOKENS,
         "cells": [{"model": m, "scheme": s, "method": k, **v} for (m, s, k), v in summaries.items()],
         "ratios_to_best_stock": ratios,
     }, indent=1) + "\n")
-    (RESULTS / "quality.md").write_text(table)
-    plot(summaries, RESULTS / "quality.png")
+    (RESULTS / f"{stem}.md").write_text(table)
+    plot(summaries, RESULTS / f"{stem}.png")
     print("\n" + table)
     print(f"total {time.perf_counter() - started:.0f} s")
 
