@@ -2,7 +2,6 @@ import json
 
 import pytest
 import torch
-from llmcompressor import oneshot
 from llmcompressor.modifiers.quantization import QuantizationModifier
 from llmcompressor.modifiers.transform.awq import AWQModifier
 from llmcompressor.pipelines.cache import IntermediatesCache
@@ -12,7 +11,7 @@ import qig_plugin  # noqa: F401  (registers the modifiers)
 from qig_plugin.modifiers import QIGAWQModifier
 from qig_plugin.modifiers.language_model import language_model_name, scope_to_language_model
 from qig_plugin.quantize import quantize_to_checkpoint
-from tests.modifiers.tiny_llama import load_tiny_llama, random_token_dataset, tiny_tokenizer
+from tests.modifiers.tiny_llama import calibrate_tiny_llama
 from tests.tiny_models import IDEFICS3_IGNORE, tiny_idefics3
 
 SAMPLES = 4
@@ -20,15 +19,10 @@ W4A16 = {"targets": ["Linear"], "scheme": "W4A16", "ignore": ["lm_head"]}
 
 
 def quantize(model_dir, awq, output_dir):
-    model = load_tiny_llama(model_dir)
-    oneshot(
-        model=model,
-        processor=tiny_tokenizer(),
-        dataset=random_token_dataset(samples=SAMPLES),
-        recipe=[awq, QuantizationModifier(**W4A16)],
-        num_calibration_samples=SAMPLES,
-        max_seq_length=24,
-        pipeline="sequential",
+    model = calibrate_tiny_llama(
+        model_dir,
+        [awq, QuantizationModifier(**W4A16)],
+        samples=SAMPLES,
         shuffle_calibration_samples=False,  # the same batch order in every run
     )
     model.save_pretrained(output_dir, save_compressed=True)

@@ -5,7 +5,6 @@ import sys
 import pytest
 import torch
 import yaml
-from llmcompressor import oneshot
 from llmcompressor.modifiers.gptq import GPTQModifier
 from llmcompressor.recipe import Recipe
 from safetensors.torch import load_file
@@ -14,23 +13,13 @@ import qig_plugin  # noqa: F401  (registers the modifiers)
 from qig_plugin.modifiers import QIGGPTQModifier
 from qig_plugin.modifiers.groups import resolve_groups
 from qig_plugin.modifiers.block_attribution import attendable_tokens as _attendable_tokens
-from tests.modifiers.tiny_llama import load_tiny_llama, random_token_dataset, tiny_tokenizer
+from tests.modifiers.tiny_llama import calibrate_tiny_llama, load_tiny_llama
 
 SCHEME = {"targets": ["Linear"], "scheme": "W4A16", "ignore": ["lm_head"]}
 
 
 def quantize(model_dir, recipe, output_dir, **kwargs):
-    model = load_tiny_llama(model_dir)
-    oneshot(
-        model=model,
-        processor=tiny_tokenizer(),
-        dataset=random_token_dataset(),
-        recipe=recipe,
-        num_calibration_samples=6,
-        max_seq_length=24,
-        pipeline="sequential",
-        **kwargs,
-    )
+    model = calibrate_tiny_llama(model_dir, recipe, samples=6, **kwargs)
     model.save_pretrained(output_dir, save_compressed=True)
     return load_file(output_dir / "model.safetensors"), model
 

@@ -1,12 +1,11 @@
 import pytest
 import torch
-from llmcompressor import oneshot
 from llmcompressor.modifiers.quantization import QuantizationModifier
 from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
 
 import qig_plugin  # noqa: F401  (registers the modifiers)
 from qig_plugin.modifiers import QIGSmoothQuantModifier
-from tests.modifiers.tiny_llama import load_tiny_llama, random_token_dataset, tiny_tokenizer
+from tests.modifiers.tiny_llama import calibrate_tiny_llama
 
 SAMPLES = 3
 W8A8 = {"targets": ["Linear"], "scheme": "W8A8", "ignore": ["lm_head"]}
@@ -14,15 +13,10 @@ W8A8 = {"targets": ["Linear"], "scheme": "W8A8", "ignore": ["lm_head"]}
 
 def smoothed_norms(model_dir, smoothquant) -> dict[str, torch.Tensor]:
     """The norm weights after smoothing (SmoothQuant divides each norm by its scales)."""
-    model = load_tiny_llama(model_dir)
-    oneshot(
-        model=model,
-        processor=tiny_tokenizer(),
-        dataset=random_token_dataset(samples=SAMPLES),
-        recipe=[smoothquant, QuantizationModifier(**W8A8)],
-        num_calibration_samples=SAMPLES,
-        max_seq_length=24,
-        pipeline="sequential",
+    model = calibrate_tiny_llama(
+        model_dir,
+        [smoothquant, QuantizationModifier(**W8A8)],
+        samples=SAMPLES,
         shuffle_calibration_samples=False,  # the same batch order in every run
     )
     return {
@@ -53,14 +47,9 @@ def test_smoothing_scales_follow_the_token_weights(tiny_llama_dir, monkeypatch):
 
 
 def test_smoothquant_without_a_quantization_stage_says_add_one(tiny_llama_dir):
-    model = load_tiny_llama(tiny_llama_dir)
     with pytest.raises(ValueError, match="targeting its linears after it"):
-        oneshot(
-            model=model,
-            processor=tiny_tokenizer(),
-            dataset=random_token_dataset(samples=1),
-            recipe=[QIGSmoothQuantModifier(), QuantizationModifier(targets=["re:.*lm_head"], scheme="W8A8")],
-            num_calibration_samples=1,
-            max_seq_length=24,
-            pipeline="sequential",
+        calibrate_tiny_llama(
+            tiny_llama_dir,
+            [QIGSmoothQuantModifier(), QuantizationModifier(targets=["re:.*lm_head"], scheme="W8A8")],
+            samples=1,
         )

@@ -43,3 +43,21 @@ def build_tiny_llama(path: Path) -> Path:
 
 def load_tiny_llama(path: Path) -> LlamaForCausalLM:
     return LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+def calibrate_tiny_llama(model_dir: Path, recipe, samples: int, **oneshot_kwargs) -> LlamaForCausalLM:
+    """Load the tiny Llama from ``model_dir`` and run the real sequential ``oneshot`` on ``samples`` random rows."""
+    from llmcompressor import oneshot
+
+    model = load_tiny_llama(model_dir)
+    oneshot(
+        model=model,
+        processor=tiny_tokenizer(),
+        dataset=random_token_dataset(samples=samples),
+        recipe=recipe,
+        num_calibration_samples=samples,
+        max_seq_length=SEQ,
+        pipeline="sequential",
+        **oneshot_kwargs,
+    )
+    return model
