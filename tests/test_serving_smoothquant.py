@@ -20,7 +20,7 @@ try:
 except ServeEnvMissingError as missing:
     pytest.skip(f"no serve venv: {missing}", allow_module_level=True)
 
-from tests.test_serving import EXPECTED_KERNELS, PROMPT, SENTENCES, _build_tiny_llama  # noqa: E402
+from tests.test_serving import PROMPT, SENTENCES, _build_tiny_llama, check_served  # noqa: E402
 
 pytestmark = pytest.mark.serve
 
@@ -70,10 +70,4 @@ def served(tmp_path_factory) -> dict[str, dict]:
 
 @pytest.mark.parametrize("scheme", list(RECIPES))
 def test_vllm_generates_from_qig_smoothquant_checkpoint(served, scheme):
-    reason = cpu_serving_support()[scheme]
-    if reason is not None:
-        pytest.skip(f"{scheme} cannot be served on this CPU: {reason}")
-    result = served[scheme]
-    assert "error" not in result, result.get("error")
-    assert len(result["token_ids"]) == MAX_TOKENS and result["text"] != ""
-    assert result["linear_kernels"] == EXPECTED_KERNELS[scheme]
+    check_served(served, scheme, MAX_TOKENS)
