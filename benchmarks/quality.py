@@ -90,7 +90,7 @@ def control_modifiers():
     class NormWeightedGPTQModifier(QIGGPTQModifier):
         """Control: token scores ``||x_t||`` of the block input, normalized and IQR-clipped as QIG's."""
 
-        def _block_scores(self, block, weight_args, args, kwargs, baseline_args=None):
+        def _block_scores(self, block, weight_args, args, kwargs, baseline_args=None, input_linears=()):
             return block_input(args, kwargs)[1].detach().float().norm(dim=-1)
 
     class SinkMaskedGPTQModifier(QIGGPTQModifier):
@@ -98,7 +98,7 @@ def control_modifiers():
 
         qig_iqr_clip: bool = False
 
-        def _block_scores(self, block, weight_args, args, kwargs, baseline_args=None):
+        def _block_scores(self, block, weight_args, args, kwargs, baseline_args=None, input_linears=()):
             scores = torch.ones(block_input(args, kwargs)[1].shape[:2])
             scores[:, 0] = 0.0
             return scores
@@ -108,7 +108,7 @@ def control_modifiers():
 
         qig_iqr_clip: bool = False
 
-        def _block_scores(self, block, weight_args, args, kwargs, baseline_args=None):
+        def _block_scores(self, block, weight_args, args, kwargs, baseline_args=None, input_linears=()):
             return torch.ones(block_input(args, kwargs)[1].shape[:2])
 
     class SplitAttentionQIGGPTQModifier(QIGGPTQModifier):

@@ -1,6 +1,6 @@
-"""Calibration cost of QIG-GPTQ against stock GPTQ on the default model, side by side.
+"""Calibration cost of QIG-GPTQ and QIG-AWQ against stock GPTQ and AWQ on the default model, side by side.
 
-    python benchmarks/speed.py [--sizes 8 16 32] [--scheme w4a16]
+    python benchmarks/speed.py [--sizes 4 8 16] [--awq-sizes 4 8] [--scheme w4a16]
 
 Every (method, size) runs in its own process, on the same first ``size`` records of the
 shipped calibration set, and reports: the whole ``oneshot`` wall time; the decoder-layer
@@ -24,15 +24,21 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = REPO_ROOT / "benchmarks" / "results"
-METHODS = ("gptq", "qig_gptq")
+# stock method -> its QIG twin (recipes/{method}_{scheme}.yaml)
+TWINS = {"gptq": "qig_gptq", "awq": "qig_awq"}
 
 
 def measure(method: str, size: int, scheme: str) -> dict:
     """One calibration run in this process; returns its timings and peak memory."""
     from qig_plugin.data import build_calibration_dataset, shipped_records
     from qig_plugin.models import build_default_model, load_model, load_processor
-    from qig_plugin.modifiers import QIGGPTQModifier
+    from qig_plugin.modifiers import QIGAWQModifier, QIGGPTQModifier
     from qig_plugin.quantize import quantize_to_checkpoint
+
+    if method == "awq" and not torch.accelerator.is_available():  # stock AWQ 0.14.0.1 pins its cache: fails on CPU
+        from llmcompressor.pipelines.cache import IntermediatesCache
+
+        IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
 
     model_dir = build_default_model()
     processor = load_processor(model_dir)
@@ -44,14 +50,15 @@ def measure(method: str, size: int, scheme: str) -> dict:
         lambda *_: layer_one_start.append(time.perf_counter()) if not layer_one_start else None
     )
     attribution_s = [0.0]
-    attribute = QIGGPTQModifier._attribute_group
+    # where each QIG modifier computes its token weights
+    for modifier, name in ((QIGGPTQModifier, "_attribute_group"), (QIGAWQModifier, "_mapping_token_weights")):
+        def timed(self, *args, attribute=getattr(modifier, name), **kwargs):
+            start = time.perf_counter()
+            result = attribute(self, *args, **kwargs)
+            attribution_s[0] += time.perf_counter() - start
+            return result
 
-    def timed_attribute(self, *args, **kwargs):
-        start = time.perf_counter()
-        attribute(self, *args, **kwargs)
-        attribution_s[0] += time.perf_counter() - start
-
-    QIGGPTQModifier._attribute_group = timed_attribute
+        setattr(modifier, name, timed)
     with tempfile.TemporaryDirectory() as scratch:
         start = time.perf_counter()
         quantize_to_checkpoint(
@@ -76,7 +83,7 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(6, 4))
-    for method, marker in zip(METHODS, "os"):
+    for method, marker in zip(sorted({r["method"] for r in rows}), "osD^"):
         points = [r for r in rows if r["method"] == method]
         axis.plot([r["tokens"] for r in points], [r["decoder_layers_s"] for r in points], marker=marker,
                   label=f"{method}: decoder layers")
@@ -90,7 +97,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[8, 16, 32])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[4, 8, 16], help="GPTQ calibration samples")
+    parser.add_argument("--awq-sizes", type=int, nargs="*", default=[4, 8], help="AWQ calibration samples")
     parser.add_argument("--scheme", default="w4a16", help="recipe suffix: w4a16, w4a8, w8a8, w3a16")
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "SIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -98,21 +106,24 @@ def main() -> None:
         print("RESULT " + json.dumps(measure(args.one[0], int(args.one[1]), args.scheme)))
         return
 
+    runs = [(size, method) for stock, sizes in (("gptq", args.sizes), ("awq", args.awq_sizes))
+            for size in sizes for method in (stock, TWINS[stock])]
     rows = []
-    for size in args.sizes:
-        for method in METHODS:
-            print(f"running {method} on {size} samples ...", flush=True)
-            completed = subprocess.run(
-                [sys.executable, __file__, "--scheme", args.scheme, "--one", method, str(size)],
-                capture_output=True, text=True, check=True,
-            )
-            (line,) = [l for l in completed.stdout.splitlines() if l.startswith("RESULT ")]
-            rows.append(json.loads(line.removeprefix("RESULT ")))
-            print(f"  {rows[-1]}", flush=True)
+    for size, method in runs:
+        print(f"running {method} on {size} samples ...", flush=True)
+        completed = subprocess.run(
+            [sys.executable, __file__, "--scheme", args.scheme, "--one", method, str(size)],
+            capture_output=True, text=True, check=True,
+        )
+        (line,) = [l for l in completed.stdout.splitlines() if l.startswith("RESULT ")]
+        rows.append(json.loads(line.removeprefix("RESULT ")))
+        print(f"  {rows[-1]}", flush=True)
     ratios = []
-    for size in args.sizes:
-        stock, qig = (next(r for r in rows if r["samples"] == size and r["method"] == m) for m in METHODS)
+    for size, method in runs[::2]:
+        stock, qig = (next(r for r in rows if r["samples"] == size and r["method"] == m)
+                      for m in (method, TWINS[method]))
         ratios.append({
+            "method": TWINS[method],
             "samples": size,
             "oneshot": round(qig["oneshot_s"] / stock["oneshot_s"], 2),
             "decoder_layers": round(qig["decoder_layers_s"] / stock["decoder_layers_s"], 2),
@@ -130,9 +141,10 @@ def main() -> None:
     for r in rows:
         print(f"| {r['samples']} | {r['tokens']} | {r['method']} | {r['oneshot_s']} | {r['decoder_layers_s']} "
               f"| {r['attribution_s']} | {r['peak_rss_gb']} |")
-    print("\n| samples | QIG/stock oneshot | QIG/stock decoder layers | QIG/stock peak RSS |\n|---|---|---|---|")
+    print("\n| QIG method | samples | QIG/stock oneshot | QIG/stock decoder layers | QIG/stock peak RSS |")
+    print("|---|---|---|---|---|")
     for r in ratios:
-        print(f"| {r['samples']} | {r['oneshot']} | {r['decoder_layers']} | {r['peak_rss']} |")
+        print(f"| {r['method']} | {r['samples']} | {r['oneshot']} | {r['decoder_layers']} | {r['peak_rss']} |")
 
 
 if __name__ == "__main__":

@@ -4,11 +4,11 @@ A token's QIG score is the hidden-mean of ``|IG|`` of a block's quantization dis
 ``sum_t mean_h |f(x; W)_t - f(x; Q(W))_t|`` with respect to the block input ``x``.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
-from qig_plugin.attribution.integrated_gradients import QuadratureRule, integrated_gradients
+from qig_plugin.attribution.integrated_gradients import QuadratureRule, integrated_gradients, path_projections
 
 
 # per-token quantization discrepancy of a block: mean over hidden of |fp - q|
@@ -18,8 +18,8 @@ def discrepancy(fp_output: torch.Tensor, q_output: torch.Tensor) -> torch.Tensor
 
 
 def qig_token_scores(
-    fp_fn: Callable[[torch.Tensor], torch.Tensor],
-    q_fn: Callable[[torch.Tensor], torch.Tensor],
+    fp_fn: Callable[..., torch.Tensor],
+    q_fn: Callable[..., torch.Tensor],
     x: torch.Tensor,
     baseline: torch.Tensor | None = None,
     steps: int = 6,
@@ -27,16 +27,20 @@ def qig_token_scores(
     points_per_pass: int | None = None,
     min_steps: int | None = None,
     completeness_tol: float = 0.01,
+    fp_maps: Sequence[torch.Tensor] = (),
+    q_maps: Sequence[torch.Tensor] = (),
 ) -> tuple[torch.Tensor, int]:
     """QIG score of every token of ``x``, with the fewest nodes that integrate it well.
 
     With ``min_steps`` set, the path integral is first taken with ``min_steps`` nodes and
     accepted if it is complete: ``|sum IG - (F(x) - F(x0))| <= completeness_tol * |F(x) - F(x0)|``
-    (one extra forward of both branches); otherwise it is retaken with ``steps`` nodes.
-    Token-wise blocks (MLPs) pass with 2 nodes, attention usually needs 6.
+    (``F`` at both path ends costs one forward of both branches); otherwise it is retaken
+    with half again as many nodes (2, 3, 4, 6, ...) up to ``steps``, which is accepted as is.
+    Token-wise blocks (MLPs) pass with 2 nodes, attention mostly with 3.
 
-    :param fp_fn: the full-precision block, ``[n, seq, hidden_in] -> [n, seq, hidden_out]``
-    :param q_fn: the same block with quantized weights ``Q(W)``
+    :param fp_fn: the full-precision block, ``[n, seq, hidden_in] -> [n, seq, hidden_out]``,
+        called as ``fp_fn(points, *projections)`` with ``points @ M.T`` for each ``M`` in ``fp_maps``
+    :param q_fn: the same block with quantized weights ``Q(W)``, given its ``q_maps`` projections
     :param x: block input ``[batch, seq, hidden_in]``
     :param baseline: path start: None for zeros (the reference's weight-only path), or
         the quantized input ``x^q`` (the paper), shape of ``x``
@@ -45,26 +49,43 @@ def qig_token_scores(
         the blocks must treat dim 0 as independent samples whenever it is not 1)
     :param min_steps: nodes tried first (None or >= ``steps``: always ``steps``)
     :param completeness_tol: relative completeness error accepted from ``min_steps`` nodes
+    :param fp_maps, q_maps: weights ``[out, hidden_in]`` of the linears each branch applies to
+        its input, hoisted out of the path integral (see :func:`integrated_gradients`)
     :return: scores ``[batch, seq]`` (non-negative) and the number of nodes used
     """
     if x.ndim != 3:
         raise ValueError(f"x must be [batch, seq, hidden], got shape {tuple(x.shape)}")
 
-    def objective(points: torch.Tensor) -> torch.Tensor:
-        return discrepancy(fp_fn(points), q_fn(points)).sum()
+    maps = (*fp_maps, *q_maps)
+    projected_path = path_projections(maps, x, baseline)
+
+    def objective_per_token(points: torch.Tensor, *projections: torch.Tensor) -> torch.Tensor:
+        fp_output = fp_fn(points, *projections[: len(fp_maps)])
+        return discrepancy(fp_output, q_fn(points, *projections[len(fp_maps) :]))
+
+    def objective(points: torch.Tensor, *projections: torch.Tensor) -> torch.Tensor:
+        return objective_per_token(points, *projections).sum()
 
     def attribute(nodes: int) -> torch.Tensor:
-        return integrated_gradients(objective, x, baseline, steps=nodes, rule=rule, points_per_pass=points_per_pass)
+        return integrated_gradients(
+            objective, x, baseline, steps=nodes, rule=rule, points_per_pass=points_per_pass, input_maps=maps,
+            projected_path=projected_path,
+        )
 
-    if min_steps is not None and min_steps < steps:
-        attributions = attribute(min_steps)
+    nodes = steps if min_steps is None else min(min_steps, steps)
+    if nodes < steps:
         with torch.no_grad():
             start = torch.zeros_like(x) if baseline is None else baseline.expand_as(x)
             ends = torch.cat([start, x])  # one pass of both branches over both path ends
-            per_token = discrepancy(fp_fn(ends), q_fn(ends))
-            change = (per_token[len(x):].sum() - per_token[: len(x)].sum()).item()
+            projected_ends = [torch.cat([torch.zeros_like(d), d]) if s is None else torch.cat([s, s + d])
+                              for s, d in projected_path]
+            per_token = objective_per_token(ends, *projected_ends)
+            change = (per_token[len(x) :].sum() - per_token[: len(x)].sum()).item()
+    while nodes < steps:
+        attributions = attribute(nodes)
         if abs(attributions.sum().item() - change) <= completeness_tol * abs(change):
-            return attributions.abs().mean(dim=-1), min_steps
+            return attributions.abs().mean(dim=-1), nodes
+        nodes = min(steps, nodes + max(1, nodes // 2))
     return attribute(steps).abs().mean(dim=-1), steps
 
 

@@ -7,6 +7,7 @@ modifiers differ only in where they read the block inputs (a forward pre-hook fo
 and SmoothQuant, AWQ's cached parent kwargs) and in what they weight with ``lambda``.
 """
 
+from collections.abc import Sequence
 from contextlib import contextmanager, nullcontext
 from functools import partial
 from typing import Any
@@ -25,6 +26,9 @@ from qig_plugin.attribution import (
     qig_token_scores,
     token_weights,
 )
+
+# linears whose Q(W) stays cached: more than one decoder layer has
+_QUANTIZED_WEIGHTS_KEPT = 32
 
 __all__ = ["QIGAttribution", "TokenMasking", "attendable_tokens", "block_input", "quantized_linears"]
 
@@ -63,9 +67,9 @@ class QIGAttribution(TokenMasking):
         one node: their objective is positively homogeneous of degree 1, so one
         gradient is exact.
     :param qig_min_steps: nodes tried first; the result is kept when its completeness
-        error is within ``qig_completeness_tol``, else the block is retaken with
-        ``qig_steps`` nodes, and each block starts from the count that last passed
-        (MLPs pass with 2 nodes, attention needs 6: 40% less work than 6 everywhere)
+        error is within ``qig_completeness_tol``, else the block is retaken with half again
+        as many nodes (2, 3, 4, 6) up to ``qig_steps``, and each block starts from the count
+        that last passed (MLPs pass with 2 nodes, most attention blocks with 3)
     :param qig_completeness_tol: accepted relative completeness error
         ``|sum IG - (F(x) - F(x0))| / |F(x) - F(x0)|`` of a ``qig_min_steps`` result
     :param qig_rule: ``"gauss_legendre"`` (default) or ``"uniform"`` (the reference's
@@ -90,6 +94,8 @@ class QIGAttribution(TokenMasking):
 
     # block -> nodes its last attribution used, the first count tried on its next batch
     _qig_block_steps: WeakKeyDictionary = PrivateAttr(default_factory=WeakKeyDictionary)
+    # linear -> ((data pointer, version, args) of the weight it was built from, Q(W)), oldest first
+    _qig_quantized: dict[torch.nn.Module, tuple[tuple, torch.Tensor]] = PrivateAttr(default_factory=dict)
 
     # lambda [batch, seq] with mean 1 over each sample's kept tokens, as stock calibration counts them
     def _token_weights(self, scores: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
@@ -105,6 +111,7 @@ class QIGAttribution(TokenMasking):
         args: tuple,
         kwargs: dict[str, Any],
         baseline_args: QuantizationArgs | None = None,
+        input_linears: Sequence[torch.nn.Module] = (),
     ) -> torch.Tensor:
         """QIG scores of ``block``'s input on one batch.
 
@@ -114,6 +121,9 @@ class QIGAttribution(TokenMasking):
             is the first positional argument, else the first tensor keyword
         :param baseline_args: None for the zero baseline, else the input-activation args
             whose dynamic fake quantization of the input is the baseline
+        :param input_linears: linears of ``block`` that read its input (q/k/v, gate/up, or
+            the block itself): their projections are taken once per path, not per node;
+            other modules among them run as usual
         :return: scores ``[batch, seq]``
         """
         if not weight_args:
@@ -124,17 +134,16 @@ class QIGAttribution(TokenMasking):
             )
         position, block_in = block_input(args, kwargs)
         x = block_in.detach().float()
-        block_linears = [m for m in block.modules() if isinstance(m, torch.nn.Linear)]
-        fp_weights = {m: m.weight.detach().float() for m in block_linears}
-        q_weights = {**fp_weights, **{m: fake_quantize_weight(m.weight, a) for m, a in weight_args.items()}}
+        fp_weights, q_weights = self._qig_weight_pair(block, weight_args)
+        input_linears = [m for m in input_linears if m in fp_weights]  # e.g. an MoE router is no nn.Linear
         float_args, float_kwargs = _to_float(args), _to_float(kwargs)
         batch = x.shape[0]
 
-        def run(weights, points):
+        def run(weights, points, *projections):
             repeats = points.shape[0] // batch
             call_args, call_kwargs = _repeat_batch((float_args, float_kwargs), batch, repeats)
             call_args, call_kwargs = _with_input(call_args, call_kwargs, position, points)
-            with _linear_weights(weights):
+            with _linear_weights(weights, points, dict(zip(input_linears, projections))):
                 output = block(*call_args, **call_kwargs)
             return output[0] if isinstance(output, tuple) else output
 
@@ -152,8 +161,32 @@ class QIGAttribution(TokenMasking):
                 points_per_pass=self.qig_points_per_pass,
                 min_steps=self._qig_block_steps.get(block, min(self.qig_min_steps, steps)),
                 completeness_tol=self.qig_completeness_tol,
+                fp_maps=[fp_weights[m] for m in input_linears],
+                q_maps=[q_weights[m] for m in input_linears],
             )
         return scores
+
+    # float32 W and Q(W) of every linear in `block`; Q(W) is kept while W is unchanged (one
+    # layer's calibration sees the same weights on every batch), for the last layer's linears only
+    def _qig_weight_pair(
+        self, block: torch.nn.Module, weight_args: dict[torch.nn.Module, QuantizationArgs]
+    ) -> tuple[dict[torch.nn.Module, torch.Tensor], dict[torch.nn.Module, torch.Tensor]]:
+        fp_weights, q_weights = {}, {}
+        for module in block.modules():
+            if not isinstance(module, torch.nn.Linear):
+                continue
+            weight = module.weight
+            fp_weights[module] = weight.detach().float()
+            q_weights[module] = fp_weights[module]
+            if module in weight_args:
+                key = (weight.data_ptr(), weight._version, weight_args[module])
+                cached = self._qig_quantized.get(module)
+                if cached is None or cached[0] != key:
+                    cached = self._qig_quantized[module] = (key, fake_quantize_weight(weight, weight_args[module]))
+                    while len(self._qig_quantized) > _QUANTIZED_WEIGHTS_KEPT:
+                        del self._qig_quantized[next(iter(self._qig_quantized))]
+                q_weights[module] = cached[1]
+        return fp_weights, q_weights
 
     def _token_mask(self, block_in: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor | None:
         return super()._token_mask(block_in, kwargs) if self.qig_mask_padding else None
@@ -171,13 +204,21 @@ def quantized_linears(block: torch.nn.Module) -> dict[torch.nn.Module, Quantizat
 
 # run each linear with the given float32 weight: no parameter is touched, so neither the
 # model nor the tensors autograd saved change (offloading and compressed-tensors' wrapped
-# forwards reassign parameter data); the previous forwards come back on exit
+# forwards reassign parameter data); a linear given a precomputed projection of
+# `block_input` returns it (plus bias) when called on that very tensor; the previous
+# forwards come back on exit
 @contextmanager
-def _linear_weights(weights: dict[torch.nn.Linear, torch.Tensor]):
+def _linear_weights(
+    weights: dict[torch.nn.Linear, torch.Tensor],
+    block_input: torch.Tensor | None = None,
+    projections: dict[torch.nn.Linear, torch.Tensor] | None = None,
+):
     previous = {m: m.__dict__.get("forward") for m in weights}
     for module, weight in weights.items():
         bias = None if module.bias is None else module.bias.detach().float()
-        module.forward = partial(torch.nn.functional.linear, weight=weight, bias=bias)
+        projection = (projections or {}).get(module)
+        module.forward = partial(_project_or_apply, weight=weight, bias=bias, block_input=block_input,
+                                 projection=projection)
     try:
         yield
     finally:
@@ -186,6 +227,13 @@ def _linear_weights(weights: dict[torch.nn.Linear, torch.Tensor]):
                 del module.forward
             else:
                 module.forward = forward
+
+
+def _project_or_apply(input, weight, bias, block_input, projection):  # noqa: A002 (nn.Linear's argument name)
+    if projection is None or input is not block_input:
+        return torch.nn.functional.linear(input, weight, bias)
+    # a new tensor, so that in-place changes downstream never touch the gradient leaf
+    return projection.clone() if bias is None else projection + bias
 
 
 # disable every modifier's hooks, leaving them disabled on exit when they already were

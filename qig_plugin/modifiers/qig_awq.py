@@ -9,6 +9,8 @@ decoders, an expert's up -> down mapping weights the rows of its routed tokens b
 score through the expert times their routing weight (:mod:`qig_plugin.modifiers.experts`).
 """
 
+from functools import partial
+
 import torch
 from llmcompressor.modifiers.transform.awq.mappings import ResolvedMapping
 
@@ -33,7 +35,9 @@ class QIGAWQModifier(QIGAttribution, TokenWeightedAWQModifier):
     def _mapping_token_weights(
         self, mapping: ResolvedMapping, keeps: list[torch.Tensor | None]
     ) -> list[torch.Tensor]:
-        weight_args = quantized_linears(mapping.parent)
+        attribute = partial(
+            self._block_scores, mapping.parent, quantized_linears(mapping.parent), input_linears=mapping.balance_layers
+        )
         batches = self._parent_args_cache[mapping.parent]
         if len(batches) != len(keeps):
             raise RuntimeError(
@@ -41,15 +45,11 @@ class QIGAWQModifier(QIGAttribution, TokenWeightedAWQModifier):
             )
         routes = self._expert_routes.pop(mapping.parent, None)
         if routes is None:
-            return [
-                self._token_weights(self._block_scores(mapping.parent, weight_args, (), kwargs), keep)
-                for kwargs, keep in zip(batches, keeps)
-            ]
+            return [self._token_weights(attribute((), kwargs), keep) for kwargs, keep in zip(batches, keeps)]
         iqr_k = self.qig_iqr_k if self.qig_iqr_clip else None
         weights = []
         for kwargs, route in zip(batches, routes):
             position, _ = block_input((), kwargs)
             routed_args, routed_kwargs = routed_call((), kwargs, position, route)
-            scores = self._block_scores(mapping.parent, weight_args, routed_args, routed_kwargs)
-            weights.append(expert_token_weights(scores, route, iqr_k))
+            weights.append(expert_token_weights(attribute(routed_args, routed_kwargs), route, iqr_k))
         return weights

@@ -106,11 +106,13 @@ class QIGGPTQModifier(QIGAttribution, GPTQModifier):
             if route is None:
                 return
             routed_args, routed_kwargs = routed_call(args, kwargs, position, route)
-            scores = self._block_scores(block, group.weight_args, routed_args, routed_kwargs, baseline_args)
+            scores = self._block_scores(
+                block, group.weight_args, routed_args, routed_kwargs, baseline_args, group.linears
+            )
             weights = expert_token_weights(scores, route, self.qig_iqr_k if self.qig_iqr_clip else None)
         elif block_in.ndim == 3:
             keep = self._token_mask(block_in, kwargs)
-            scores = self._block_scores(block, group.weight_args, args, kwargs, baseline_args)
+            scores = self._block_scores(block, group.weight_args, args, kwargs, baseline_args, group.linears)
             weights = self._token_weights(scores, keep)
         else:
             return

@@ -63,3 +63,25 @@ def test_bad_arguments_are_named():
         quadrature(0, "uniform")
     with pytest.raises(ValueError, match="must return a scalar"):
         integrated_gradients(lambda z: z * 2, torch.ones(1, 2, 3))
+
+
+@pytest.mark.parametrize("baseline_kind", ["zero", "random"])
+@pytest.mark.parametrize("points_per_pass", [None, 2])
+def test_hoisted_input_maps_give_the_same_integral(baseline_kind, points_per_pass):
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 6, dtype=torch.float64)
+    baseline = None if baseline_kind == "zero" else 0.5 * torch.randn_like(x)
+    read, unread = torch.randn(4, 6, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64)
+
+    # reads its input directly and through one map; the second map's projection is never used
+    def hoisted(points, projected, _unused):
+        return (torch.tanh(projected) ** 2).sum() + smooth_objective(points)
+
+    def plain(points):
+        return hoisted(points, points @ read.T, None)
+
+    expected = integrated_gradients(plain, x, baseline, steps=5, points_per_pass=points_per_pass)
+    attributions = integrated_gradients(
+        hoisted, x, baseline, steps=5, points_per_pass=points_per_pass, input_maps=[read, unread]
+    )
+    assert torch.allclose(attributions, expected, rtol=1e-10, atol=1e-12)

@@ -77,9 +77,18 @@ def test_few_nodes_are_kept_only_when_complete():
     assert loose_used == 2
     assert torch.allclose(loose, two_nodes.abs().mean(-1))
 
+    # a failed count is retaken with half again as many nodes: 2, 3, 4, then steps
     strict, strict_used = qig_token_scores(fp_fn, q_fn, x, steps=6, min_steps=2, completeness_tol=error / 2)
-    assert strict_used == 6
-    assert torch.allclose(strict, integrated_gradients(objective, x, steps=6).abs().mean(-1))
+    assert strict_used in (3, 4, 6)
+    assert torch.allclose(strict, integrated_gradients(objective, x, steps=strict_used).abs().mean(-1))
+    for count in range(2, strict_used):
+        if count in (2, 3, 4):
+            retaken = integrated_gradients(objective, x, steps=count)
+            assert abs(retaken.sum().item() - change) > error / 2 * abs(change)
+
+    exact, exact_used = qig_token_scores(fp_fn, q_fn, x, steps=6, min_steps=2, completeness_tol=0.0)
+    assert exact_used == 6
+    assert torch.allclose(exact, integrated_gradients(objective, x, steps=6).abs().mean(-1))
 
 
 def test_token_weights_sum_to_one_per_sample_and_ignore_masked_tokens():

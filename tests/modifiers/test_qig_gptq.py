@@ -154,7 +154,7 @@ def test_each_block_starts_from_the_node_count_that_last_passed(tiny_llama_dir, 
     linears = [c for c in calls if isinstance(c[0], torch.nn.Linear)]
     assert len(linears) == 6 * 2 * 2 and all(used == 1 for _, _, used in linears)  # exact single node
     blocks = [c for c in calls if not isinstance(c[0], torch.nn.Linear)]
-    assert {used for _, _, used in blocks} <= {2, 6} and any(used == 6 for _, _, used in blocks)
+    assert {used for _, _, used in blocks} <= {2, 3, 4, 6} and any(used > 2 for _, _, used in blocks)
     history: dict[int, list] = {}
     for block, started_from, used in blocks:
         history.setdefault(id(block), []).append((started_from, used))
