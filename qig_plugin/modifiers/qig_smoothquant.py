@@ -7,19 +7,25 @@ Here each batch's output is first scaled token-wise by ``lambda_t / max_t lambda
 relative QIG weight computed through the balance layers' parent block (attention for
 q/k/v, the MLP for gate/up) on that batch, and padding is left out of the min and max
 (see :func:`~qig_plugin.attribution.weighted_calibration.weighted_channel_range` for why
-a weighted abs-max). The smoothing itself, and the GPTQ stage after it, are stock.
+a weighted abs-max). The smoothing itself, and the GPTQ stage after it, are stock, except
+that distributed (see :meth:`QIGSmoothQuantModifier._apply_smoothing`) every rank reads the
+unsmoothed weights before any rank writes the smoothed ones.
 """
 
 from functools import partial
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from compressed_tensors.offload import update_offload_parameter
+from compressed_tensors.offload.dist_utils import is_distributed
 from llmcompressor.core import Event, State
 from llmcompressor.modifiers.transform.awq.base import get_lowest_common_ancestor_with_avoid
 from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
-from llmcompressor.modifiers.transform.smoothquant.base import SmoothQuantScale
+from llmcompressor.modifiers.transform.smoothquant.base import MINIMUM_SMOOTHING_SCALE, SmoothQuantScale
 from llmcompressor.modifiers.transform.smoothquant.dynamic_mappings import get_layer_mappings_from_model
 from llmcompressor.utils.pytorch.module import get_module_to_name_dict
+from loguru import logger
 from pydantic import PrivateAttr
 
 from qig_plugin.attribution.weighted_calibration import weighted_channel_range
@@ -62,7 +68,10 @@ class QIGSmoothQuantModifier(QIGAttribution, SmoothQuantModifier):
             _, parent = get_lowest_common_ancestor_with_avoid(balance_names, state.model, torch.nn.ModuleList)
             self.register_hook(mapping.smooth_layer, partial(self._hold_output, mapping.smooth_name), "forward")
             self.register_hook(
-                parent, partial(self._update_weighted_range, mapping.smooth_name), "forward_pre", with_kwargs=True
+                parent,
+                partial(self._update_weighted_range, mapping.smooth_name, mapping.balance_layers),
+                "forward_pre",
+                with_kwargs=True,
             )
 
     def on_calibration_end(self, state: State, event: Event, **kwargs):
@@ -73,11 +82,13 @@ class QIGSmoothQuantModifier(QIGAttribution, SmoothQuantModifier):
     def _hold_output(self, smooth_name: str, _module, _args, output):
         self._held_outputs[smooth_name] = (output[0] if isinstance(output, tuple) else output).detach()
 
-    def _update_weighted_range(self, smooth_name: str, block: torch.nn.Module, args: tuple, kwargs: dict[str, Any]):
+    def _update_weighted_range(
+        self, smooth_name: str, balance_layers: list, block: torch.nn.Module, args: tuple, kwargs: dict[str, Any]
+    ):
         output = self._held_outputs.pop(smooth_name)
         _, block_in = block_input(args, kwargs)
         keep = self._token_mask(block_in, kwargs)
-        scores = self._block_scores(block, quantized_linears(block), args, kwargs)
+        scores = self._block_scores(block, quantized_linears(block), args, kwargs, input_linears=balance_layers)
         weights = self._token_weights(scores, keep)
         low, high = weighted_channel_range(output, weights, keep)
         if smooth_name in self.scales_:
@@ -86,3 +97,41 @@ class QIGSmoothQuantModifier(QIGAttribution, SmoothQuantModifier):
             scale.max_channel_vals = torch.maximum(scale.max_channel_vals, high)
         else:
             self.scales_[smooth_name] = SmoothQuantScale(min_channel_vals=low, max_channel_vals=high)
+
+    @torch.no_grad()
+    def _apply_smoothing(self, model: torch.nn.Module):
+        """Stock smoothing, made safe for ranks that share their weights.
+
+        llm-compressor 0.14 loads a distributed model on CPU into shared memory (its
+        ``DistributedCPUCache``: rank 0's tensors, mapped by every other rank), and stock
+        SmoothQuant has every rank smooth in place: each reads ``W``, writes ``W / s``. A
+        rank that reads after another has written divides a second time (``W / s^2``),
+        so which ranks, and which layers, end up smoothed twice depends on timing.
+        Here every rank computes each mapping's new weights from the unsmoothed ones,
+        waits for all ranks to have read, then writes them: the writes are identical, so
+        shared and per-rank (accelerator) copies alike end up with ``W / s`` once. One
+        mapping at a time, so a layer shared by two mappings sees the first's update.
+        """
+        if not is_distributed():
+            return super()._apply_smoothing(model)
+        self._reduce_activation_scales()
+        for mapping in self.resolved_mappings_:
+            if mapping.smooth_name not in self.scales_:
+                continue
+            logger.info(f"Smoothing with {mapping.smooth_name}")
+            scale = self.scales_.pop(mapping.smooth_name)
+            scales = self._calculate_smoothing_scales(
+                mapping.balance_layers, scale.max_channel_vals - scale.min_channel_vals
+            )
+            scales = torch.maximum(scales, torch.Tensor([MINIMUM_SMOOTHING_SCALE]).to(scales.device))
+            updates = [(layer, "weight", layer.weight * scales.view(1, -1)) for layer in mapping.balance_layers]
+            smooth_layer = mapping.smooth_layer
+            weight = smooth_layer.weight
+            smoothed = weight / scales if weight.ndim == 1 else weight / scales.view(-1, 1)
+            updates.append((smooth_layer, "weight", smoothed))
+            if getattr(smooth_layer, "bias", None) is not None:
+                updates.append((smooth_layer, "bias", smooth_layer.bias / scales))
+            dist.barrier()  # every rank has read the unsmoothed weights
+            for module, name, value in updates:
+                update_offload_parameter(module, name, value)
+            dist.barrier()  # and every rank has written before any reads again
