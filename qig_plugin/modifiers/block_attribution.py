@@ -27,8 +27,8 @@ from qig_plugin.attribution import (
     token_weights,
 )
 
-# linears whose Q(W) stays cached: more than one decoder layer has
-_QUANTIZED_WEIGHTS_KEPT = 32
+# linears whose Q(W) stays cached: the 7 of a dense decoder layer (an MoE layer has more and rebuilds them)
+_QUANTIZED_WEIGHTS_KEPT = 8
 
 __all__ = ["QIGAttribution", "TokenMasking", "attendable_tokens", "block_input", "quantized_linears"]
 
