@@ -41,6 +41,7 @@ SEED = 0
 TEXT_PASSAGES = 16
 TEXT_TOKENS = 256
 BOOTSTRAP_RESAMPLES = 2000
+CHILD_TIMEOUT_S = 1800
 
 # method -> (recipe file stem with {scheme}, modifier class swaps, field overrides, schemes it applies to)
 METHODS = {
@@ -76,6 +77,7 @@ QIG = ("qig_gptq", "qig_awq", "qig_sq_gptq", "qig_sq_qig_gptq")
 CONTROLS = ("norm_gptq", "sink_gptq", "mbq_awq")
 ABLATION = tuple(m for m in METHODS if m.startswith("qig_gptq_")) + ("gptq_prompt_masked",)
 MAIN_METHODS = STOCK + QIG + CONTROLS
+IMAGE_ONLY = ("mbq_awq",)  # MBQ weights tokens by modality: the text model has no image tokens
 SCHEMES = ("w3a16", "w4a16", "w4a8", "w8a8")
 
 
@@ -384,8 +386,20 @@ def plot(summaries: dict, path: Path) -> None:
 
 
 def run_child(arguments: list[str]) -> str:
-    """Run this script with ``arguments`` in a fresh process (a clean llm-compressor session); its stdout."""
-    completed = subprocess.run([sys.executable, __file__, *arguments], capture_output=True, text=True)
+    """Run this script with ``arguments`` in a fresh process (a clean llm-compressor session); its stdout.
+
+    A child past ``CHILD_TIMEOUT_S`` is killed and run once more (a grid run once stalled in a child's futex wait
+    while other jobs shared the cores; the rerun of the same cell finished normally)."""
+    for attempt in (1, 2):
+        try:
+            completed = subprocess.run([sys.executable, __file__, *arguments], capture_output=True, text=True,
+                                       timeout=CHILD_TIMEOUT_S)
+            break
+        except subprocess.TimeoutExpired:
+            print(f"    {' '.join(arguments[:4])}: no result after {CHILD_TIMEOUT_S} s, attempt {attempt} killed",
+                  flush=True)
+    else:
+        raise SystemExit(f"{' '.join(arguments[:4])} timed out twice")
     if completed.returncode != 0:
         print(completed.stderr[-3000:], file=sys.stderr)
         raise SystemExit(f"{' '.join(arguments[:4])} failed (exit {completed.returncode})")
@@ -396,7 +410,7 @@ def plan(args) -> list[tuple[str, str, str]]:
     methods = args.methods or (MAIN_METHODS + ABLATION)
     return [(model_kind, scheme, method) for model_kind in args.models for scheme in args.schemes
             for method in methods if scheme in METHODS[method][3]
-            and not (model_kind == "text" and method in ABLATION)]
+            and not (model_kind == "text" and method in ABLATION + IMAGE_ONLY)]
 
 
 def main() -> None:
