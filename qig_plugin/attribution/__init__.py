@@ -9,7 +9,12 @@ from qig_plugin.attribution.integrated_gradients import (
     integrated_gradients,
     quadrature,
 )
-from qig_plugin.attribution.token_weights import discrepancy, qig_token_scores, token_weights
+from qig_plugin.attribution.token_weights import (
+    discrepancy,
+    linear_token_scores,
+    qig_token_scores,
+    token_weights,
+)
 
 __all__ = [
     "QuadratureRule",
@@ -17,6 +22,7 @@ __all__ = [
     "fake_quantize_activation",
     "fake_quantize_weight",
     "integrated_gradients",
+    "linear_token_scores",
     "qig_token_scores",
     "quadrature",
     "token_weights",

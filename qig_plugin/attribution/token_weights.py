@@ -17,6 +17,22 @@ def discrepancy(fp_output: torch.Tensor, q_output: torch.Tensor) -> torch.Tensor
     return (fp_output - q_output).abs().mean(dim=-1)
 
 
+# QIG scores of a single linear from a zero baseline, in closed form
+def linear_token_scores(x: torch.Tensor, weight_error: torch.Tensor) -> torch.Tensor:
+    """QIG scores of a linear block ``x W^T + b`` against ``x Q(W)^T + b`` from a zero baseline.
+
+    The discrepancy is ``F(x) = sum_t mean_o |x_t E^T|`` with ``E = W - Q(W)`` (the bias cancels),
+    positively homogeneous of degree 1, so its integrated gradients from 0 are exactly
+    ``x * grad F(x)`` with ``grad F(x) = sign(x E^T) E / out``: two matmuls, no autograd.
+
+    :param x: block input ``[batch, seq, in]``
+    :param weight_error: ``W - Q(W)`` ``[out, in]``
+    :return: scores ``[batch, seq]``, the hidden-mean of ``|IG|``
+    """
+    gradients = (x @ weight_error.T).sign() @ weight_error / weight_error.shape[0]
+    return (x * gradients).abs().mean(dim=-1)
+
+
 def qig_token_scores(
     fp_fn: Callable[..., torch.Tensor],
     q_fn: Callable[..., torch.Tensor],

@@ -23,6 +23,7 @@ from qig_plugin.attribution import (
     QuadratureRule,
     fake_quantize_activation,
     fake_quantize_weight,
+    linear_token_scores,
     qig_token_scores,
     token_weights,
 )
@@ -63,9 +64,9 @@ class QIGAttribution(TokenMasking):
         blocks. 6 Gauss-Legendre nodes keep completeness within 0.1% and the token
         ranking at Spearman >= 0.9996 of a 256-node reference on the default model's
         blocks (benchmarks/attribution_fidelity.py); the reference release's 32 uniform
-        points are off by up to 3.8%. Single-linear blocks with a zero baseline use
-        one node: their objective is positively homogeneous of degree 1, so one
-        gradient is exact.
+        points are off by up to 3.8%. Single-linear blocks with a zero baseline take
+        none: their objective is positively homogeneous of degree 1, so ``x * grad`` at
+        ``x`` is exact, in closed form (:func:`linear_token_scores`).
     :param qig_min_steps: nodes tried first; the result is kept when its completeness
         error is within ``qig_completeness_tol``, else the block is retaken with half again
         as many nodes (2, 3, 4, 6) up to ``qig_steps``, and each block starts from the count
@@ -147,19 +148,19 @@ class QIGAttribution(TokenMasking):
                 output = block(*call_args, **call_kwargs)
             return output[0] if isinstance(output, tuple) else output
 
+        if baseline_args is None and isinstance(block, torch.nn.Linear):
+            return linear_token_scores(x, fp_weights[block] - q_weights[block])
         baseline = None if baseline_args is None else fake_quantize_activation(x, baseline_args)
-        single_linear = baseline is None and isinstance(block, torch.nn.Linear)
-        steps = 1 if single_linear else self.qig_steps
         with torch.enable_grad(), _hooks_disabled():
             scores, self._qig_block_steps[block] = qig_token_scores(
                 partial(run, fp_weights),
                 partial(run, q_weights),
                 x,
                 baseline,
-                steps=steps,
+                steps=self.qig_steps,
                 rule=self.qig_rule,
                 points_per_pass=self.qig_points_per_pass,
-                min_steps=self._qig_block_steps.get(block, min(self.qig_min_steps, steps)),
+                min_steps=self._qig_block_steps.get(block, min(self.qig_min_steps, self.qig_steps)),
                 completeness_tol=self.qig_completeness_tol,
                 fp_maps=[fp_weights[m] for m in input_linears],
                 q_maps=[q_weights[m] for m in input_linears],

@@ -1,7 +1,14 @@
 import pytest
 import torch
 
-from qig_plugin.attribution import discrepancy, integrated_gradients, qig_token_scores, quadrature, token_weights
+from qig_plugin.attribution import (
+    discrepancy,
+    integrated_gradients,
+    linear_token_scores,
+    qig_token_scores,
+    quadrature,
+    token_weights,
+)
 
 
 class SmallBlock(torch.nn.Module):
@@ -55,6 +62,21 @@ def test_qig_token_scores_match_brute_force(baseline_kind):
     start = torch.zeros_like(x) if baseline is None else baseline
     expected = brute_force_scores(fp_fn, q_fn, x, start, nodes.tolist(), weights.tolist())
     assert scores.shape == (2, 5)
+    assert torch.allclose(scores, expected, rtol=1e-4, atol=1e-9)
+
+
+def test_linear_closed_form_matches_brute_force():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(8, 6).double()
+    quantized = (linear.weight * 4).round() / 4
+    fp_fn = lambda z: linear(z)
+    q_fn = lambda z: torch.nn.functional.linear(z, quantized, linear.bias)
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    scores = linear_token_scores(x, linear.weight.detach() - quantized)
+
+    nodes, weights = quadrature(3, "gauss_legendre")
+    expected = brute_force_scores(fp_fn, q_fn, x, torch.zeros_like(x), nodes.tolist(), weights.tolist())
+    assert scores.shape == (2, 5) and scores.min() > 0
     assert torch.allclose(scores, expected, rtol=1e-4, atol=1e-9)
 
 

@@ -5,6 +5,7 @@ import torch
 from compressed_tensors.quantization import QuantizationArgs
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from qig_plugin.attribution import fake_quantize_weight, qig_token_scores
 from qig_plugin.modifiers import QIGGPTQModifier
 
 W4_GROUP32 = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=32)
@@ -51,6 +52,20 @@ def test_hoisted_input_linears_give_the_same_scores(biased_llama, block_name, ba
     hoisted = modifier._block_scores(block, weight_args, args, kwargs, baseline_args, input_linears)
     assert per_node.shape == (2, 9) and per_node.abs().sum() > 0
     assert torch.allclose(hoisted, per_node, rtol=1e-4, atol=1e-7)
+
+
+def test_a_single_linear_takes_the_closed_form_of_its_path_integral(biased_llama):
+    blocks, calls = biased_llama
+    block, _ = blocks["o_proj"]
+    args, kwargs = calls["o_proj"]
+    modifier = QIGGPTQModifier(targets="Linear", scheme="W4A16")
+    closed_form = modifier._block_scores(block, {block: W4_GROUP32}, args, kwargs, input_linears=[block])
+    q_weight = fake_quantize_weight(block.weight, W4_GROUP32)
+    x = args[0].detach().float()
+    path_integral, _ = qig_token_scores(block, lambda z: torch.nn.functional.linear(z, q_weight, block.bias), x,
+                                        steps=6)
+    assert closed_form.shape == (2, 9) and closed_form.min() > 0
+    assert torch.allclose(closed_form, path_integral, rtol=1e-4, atol=1e-7)
 
 
 def test_quantized_weights_are_rebuilt_when_a_weight_changes(biased_llama):
