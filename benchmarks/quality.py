@@ -77,6 +77,9 @@ QIG = ("qig_gptq", "qig_awq", "qig_sq_gptq", "qig_sq_qig_gptq")
 CONTROLS = ("norm_gptq", "sink_gptq", "mbq_awq")
 ABLATION = tuple(m for m in METHODS if m.startswith("qig_gptq_")) + ("gptq_prompt_masked",)
 MAIN_METHODS = STOCK + QIG + CONTROLS
+# each non-stock method's stock counterpart (the ablation's qig_gptq_* and gptq_* cells: gptq)
+STOCK_TWIN = {"qig_gptq": "gptq", "norm_gptq": "gptq", "sink_gptq": "gptq", "qig_awq": "awq",
+              "mbq_awq": "awq", "qig_sq_gptq": "sq_gptq", "qig_sq_qig_gptq": "sq_gptq"}
 IMAGE_ONLY = ("mbq_awq",)  # MBQ weights tokens by modality: the text model has no image tokens
 SCHEMES = ("w3a16", "w4a16", "w4a8", "w8a8")
 
@@ -327,6 +330,10 @@ def ratios_to_best_stock(cells: dict) -> list[dict]:
             row = {"model": model_kind, "scheme": scheme, "method": method, "best_stock": best}
             for metric in ("kl_all", "kl_answer", "text_kl"):
                 row[metric] = paired_ratio(np.array(metrics[metric]), np.array(present[best][metric]))
+            twin = "gptq" if method in ABLATION else STOCK_TWIN.get(method)
+            if twin in present:
+                row["twin"] = twin
+                row["kl_all_twin"] = paired_ratio(np.array(metrics["kl_all"]), np.array(present[twin]["kl_all"]))
             row["text_ppl_ratio"] = float(np.exp(np.mean(metrics["text_nll"]) - np.mean(present[best]["text_nll"])))
             rows.append(row)
     return rows
@@ -343,11 +350,12 @@ def markdown(summaries: dict, ratios: list[dict]) -> str:
             kv[0][0], SCHEMES.index(kv[0][1]), list(METHODS).index(kv[0][2]))):
         lines.append(f"| {model_kind} | {scheme} | {method} | {fmt(s['kl_all'])} | {fmt(s['kl_answer'])} "
                      f"| {s['top1'][0]:.3f} | {s['text_ppl'][0]:.2f} ({s['text_ppl_fp']:.2f}) | {s['calibration_s']} |")
-    lines += ["", "| model | scheme | method | best stock | KL ratio all | KL ratio answer | text KL ratio | PPL ratio |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| model | scheme | method | best stock | KL ratio all | KL ratio answer | text KL ratio | PPL ratio "
+              "| KL ratio to stock twin |", "|---|---|---|---|---|---|---|---|---|"]
     for r in ratios:
+        twin = f"{fmt(r['kl_all_twin'])} ({r['twin']})" if "twin" in r else "-"
         lines.append(f"| {r['model']} | {r['scheme']} | {r['method']} | {r['best_stock']} | {fmt(r['kl_all'])} "
-                     f"| {fmt(r['kl_answer'])} | {fmt(r['text_kl'])} | {r['text_ppl_ratio']:.3f} |")
+                     f"| {fmt(r['kl_answer'])} | {fmt(r['text_kl'])} | {r['text_ppl_ratio']:.3f} | {twin} |")
     return "\n".join(lines) + "\n"
 
 
