@@ -138,13 +138,13 @@ def test_recipe_without_plugin_import_says_import_qig_plugin():
 
 
 def test_each_block_starts_from_the_node_count_that_last_passed(tiny_llama_dir, tmp_path, monkeypatch):
-    calls = []  # (block, nodes it started from (None: qig_min_steps), nodes used) per attribution
+    calls = []  # (block, nodes it started from (None: qig_min_steps), nodes used (None: closed form)) per call
     real_block_scores = QIGGPTQModifier._block_scores
 
     def recording(self, block, *args, **kwargs):
         started_from = self._qig_block_steps.get(block)
         scores = real_block_scores(self, block, *args, **kwargs)
-        calls.append((block, started_from, self._qig_block_steps[block]))
+        calls.append((block, started_from, self._qig_block_steps.get(block)))
         return scores
 
     monkeypatch.setattr(QIGGPTQModifier, "_block_scores", recording)
@@ -152,7 +152,7 @@ def test_each_block_starts_from_the_node_count_that_last_passed(tiny_llama_dir, 
 
     assert len(calls) == 6 * 2 * 4
     linears = [c for c in calls if isinstance(c[0], torch.nn.Linear)]
-    assert len(linears) == 6 * 2 * 2 and all(used == 1 for _, _, used in linears)  # exact single node
+    assert len(linears) == 6 * 2 * 2 and all(used is None for _, _, used in linears)  # closed form, no ladder
     blocks = [c for c in calls if not isinstance(c[0], torch.nn.Linear)]
     assert {used for _, _, used in blocks} <= {2, 3, 4, 6} and any(used > 2 for _, _, used in blocks)
     history: dict[int, list] = {}
