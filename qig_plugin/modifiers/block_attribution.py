@@ -28,6 +28,9 @@ from qig_plugin.attribution import (
     token_weights,
 )
 
+# batches in a row a block must pass the completeness check with one node count before it takes
+# that count unchecked (the check's forward of both branches at both path ends is ~15-20% of a batch)
+_CHECKED_BATCHES = 2
 # linears whose Q(W) stays cached: the 7 of a dense decoder layer (an MoE layer has more and rebuilds them)
 _QUANTIZED_WEIGHTS_KEPT = 8
 
@@ -69,8 +72,9 @@ class QIGAttribution(TokenMasking):
         ``x`` is exact, in closed form (:func:`linear_token_scores`).
     :param qig_min_steps: nodes tried first; the result is kept when its completeness
         error is within ``qig_completeness_tol``, else the block is retaken with half again
-        as many nodes (2, 3, 4, 6) up to ``qig_steps``, and each block starts from the count
-        that last passed (MLPs pass with 2 nodes, most attention blocks with 3)
+        as many nodes (2, 3, 4, 6) up to ``qig_steps``. Each block starts from the count
+        that last passed (MLPs pass with 2 nodes, most attention blocks with 3), and once a
+        count has passed on 2 batches in a row the block keeps it without the check
     :param qig_completeness_tol: accepted relative completeness error
         ``|sum IG - (F(x) - F(x0))| / |F(x) - F(x0)|`` of a ``qig_min_steps`` result
     :param qig_rule: ``"gauss_legendre"`` (default) or ``"uniform"`` (the reference's
@@ -93,7 +97,7 @@ class QIGAttribution(TokenMasking):
     qig_mask_padding: bool = True
     qig_points_per_pass: int | None = Field(default=None, ge=1)
 
-    # block -> nodes its last attribution used, the first count tried on its next batch
+    # block -> (nodes its last attribution used, batches in a row that used that count), where its next batch starts
     _qig_block_steps: WeakKeyDictionary = PrivateAttr(default_factory=WeakKeyDictionary)
     # linear -> ((data pointer, version, args) of the weight it was built from, Q(W)), oldest first
     _qig_quantized: dict[torch.nn.Module, tuple[tuple, torch.Tensor]] = PrivateAttr(default_factory=dict)
@@ -151,20 +155,23 @@ class QIGAttribution(TokenMasking):
         if baseline_args is None and isinstance(block, torch.nn.Linear):
             return linear_token_scores(x, fp_weights[block] - q_weights[block])
         baseline = None if baseline_args is None else fake_quantize_activation(x, baseline_args)
+        nodes, batches_at_nodes = self._qig_block_steps.get(block, (min(self.qig_min_steps, self.qig_steps), 0))
+        settled = batches_at_nodes >= _CHECKED_BATCHES
         with torch.enable_grad(), _hooks_disabled():
-            scores, self._qig_block_steps[block] = qig_token_scores(
+            scores, used = qig_token_scores(
                 partial(run, fp_weights),
                 partial(run, q_weights),
                 x,
                 baseline,
-                steps=self.qig_steps,
+                steps=nodes if settled else self.qig_steps,
                 rule=self.qig_rule,
                 points_per_pass=self.qig_points_per_pass,
-                min_steps=self._qig_block_steps.get(block, min(self.qig_min_steps, self.qig_steps)),
+                min_steps=None if settled else nodes,
                 completeness_tol=self.qig_completeness_tol,
                 fp_maps=[fp_weights[m] for m in input_linears],
                 q_maps=[q_weights[m] for m in input_linears],
             )
+        self._qig_block_steps[block] = (used, batches_at_nodes + 1 if used == nodes else 1)
         return scores
 
     # float32 W and Q(W) of every linear in `block`; Q(W) is kept while W is unchanged (one

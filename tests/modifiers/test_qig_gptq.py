@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 import qig_plugin  # noqa: F401  (registers the modifiers)
 from qig_plugin.modifiers import QIGGPTQModifier
 from qig_plugin.modifiers.groups import resolve_groups
+from qig_plugin.modifiers import block_attribution
 from qig_plugin.modifiers.block_attribution import attendable_tokens as _attendable_tokens
 from tests.modifiers.tiny_llama import calibrate_tiny_llama, load_tiny_llama
 
@@ -137,27 +138,43 @@ def test_recipe_without_plugin_import_says_import_qig_plugin():
     assert "import qig_plugin" in result.stderr
 
 
-def test_each_block_starts_from_the_node_count_that_last_passed(tiny_llama_dir, tmp_path, monkeypatch):
-    calls = []  # (block, nodes it started from (None: qig_min_steps), nodes used (None: closed form)) per call
+def test_each_block_starts_from_its_last_node_count_and_keeps_a_settled_one_unchecked(
+    tiny_llama_dir, tmp_path, monkeypatch
+):
+    calls = []  # per block attribution: [block, then min_steps, steps, nodes used of its qig_token_scores]
+    real_token_scores = block_attribution.qig_token_scores
     real_block_scores = QIGGPTQModifier._block_scores
 
-    def recording(self, block, *args, **kwargs):
-        started_from = self._qig_block_steps.get(block)
-        scores = real_block_scores(self, block, *args, **kwargs)
-        calls.append((block, started_from, self._qig_block_steps.get(block)))
-        return scores
+    def recording_token_scores(*args, min_steps, steps, **kwargs):
+        scores, used = real_token_scores(*args, min_steps=min_steps, steps=steps, **kwargs)
+        calls[-1].extend((min_steps, steps, used))
+        return scores, used
 
-    monkeypatch.setattr(QIGGPTQModifier, "_block_scores", recording)
+    def recording_block_scores(self, block, *args, **kwargs):
+        calls.append([block])
+        return real_block_scores(self, block, *args, **kwargs)
+
+    monkeypatch.setattr(block_attribution, "qig_token_scores", recording_token_scores)
+    monkeypatch.setattr(QIGGPTQModifier, "_block_scores", recording_block_scores)
     quantize(tiny_llama_dir, QIGGPTQModifier(**SCHEME, qig_completeness_tol=1e-4), tmp_path / "qig")
 
     assert len(calls) == 6 * 2 * 4
     linears = [c for c in calls if isinstance(c[0], torch.nn.Linear)]
-    assert len(linears) == 6 * 2 * 2 and all(used is None for _, _, used in linears)  # closed form, no ladder
-    blocks = [c for c in calls if not isinstance(c[0], torch.nn.Linear)]
-    assert {used for _, _, used in blocks} <= {2, 3, 4, 6} and any(used > 2 for _, _, used in blocks)
+    assert len(linears) == 6 * 2 * 2 and all(len(c) == 1 for c in linears)  # closed form, no path integral
     history: dict[int, list] = {}
-    for block, started_from, used in blocks:
-        history.setdefault(id(block), []).append((started_from, used))
-    for calls_of_block in history.values():
-        assert len(calls_of_block) == 6 and calls_of_block[0][0] is None
-        assert all(later[0] == earlier[1] for earlier, later in zip(calls_of_block, calls_of_block[1:]))
+    for block, *attribution in (c for c in calls if not isinstance(c[0], torch.nn.Linear)):
+        history.setdefault(id(block), []).append(attribution)
+    assert len(history) == 2 * 2 and all(len(h) == 6 for h in history.values())
+    used_counts, unchecked = set(), 0
+    for attributions in history.values():
+        start, batches_at_start = 2, 0  # qig_min_steps, then the count the block last used
+        for min_steps, steps, used in attributions:
+            if batches_at_start >= 2:  # settled: that count alone, no completeness check
+                assert (min_steps, steps, used) == (None, start, start)
+                unchecked += 1
+            else:
+                assert (min_steps, steps) == (start, 6) and used >= start
+            batches_at_start = batches_at_start + 1 if used == start else 1
+            start = used
+            used_counts.add(used)
+    assert used_counts <= {2, 3, 4, 6} and max(used_counts) > 2 and unchecked > 0
