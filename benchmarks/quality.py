@@ -366,7 +366,8 @@ def plot(summaries: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     models = sorted({m for m, _, _ in summaries})
-    figure, axes = plt.subplots(len(models), 1, figsize=(11, 3.6 * len(models)), squeeze=False)
+    colors = dict(zip(METHODS, plt.get_cmap("tab20").colors))  # one color per method in every panel
+    figure, axes = plt.subplots(len(models), 1, figsize=(13, 3.8 * len(models)), squeeze=False)
     for axis, model_kind in zip(axes[:, 0], models):
         schemes = [s for s in SCHEMES if any((model_kind, s, m) in summaries for m in METHODS)]
         methods = [m for m in METHODS if any((model_kind, s, m) in summaries for s in schemes)]
@@ -380,12 +381,13 @@ def plot(summaries: dict, path: Path) -> None:
                     ys.append(mean)
                     errors.append((mean - low, high - mean))
             hatch = "//" if method in QIG else ("." if method in CONTROLS + ABLATION else None)
-            axis.bar(xs, ys, width, yerr=np.array(errors).T, label=method, hatch=hatch, capsize=2)
+            axis.bar(xs, ys, width, yerr=np.array(errors).T, label=method, hatch=hatch, capsize=2,
+                     color=colors[method])
         axis.set_xticks(range(len(schemes)), [s.upper() for s in schemes])
         axis.set_yscale("log")
         axis.set_ylabel("held-out KL(FP || Q)")
         axis.set_title(f"{model_kind}: lower is better (95% bootstrap intervals)")
-        axis.legend(fontsize=7, ncol=4)
+        axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never over them
     figure.tight_layout()
     figure.savefig(path, dpi=110)
 
