@@ -140,6 +140,8 @@ class QIGAttribution(TokenMasking):
         position, block_in = block_input(args, kwargs)
         x = block_in.detach().float()
         fp_weights, q_weights = self._qig_weight_pair(block, weight_args)
+        if baseline_args is None and isinstance(block, torch.nn.Linear):
+            return linear_token_scores(x, fp_weights[block] - q_weights[block])
         input_linears = [m for m in input_linears if m in fp_weights]  # e.g. an MoE router is no nn.Linear
         float_args, float_kwargs = _to_float(args), _to_float(kwargs)
         batch = x.shape[0]
@@ -152,8 +154,6 @@ class QIGAttribution(TokenMasking):
                 output = block(*call_args, **call_kwargs)
             return output[0] if isinstance(output, tuple) else output
 
-        if baseline_args is None and isinstance(block, torch.nn.Linear):
-            return linear_token_scores(x, fp_weights[block] - q_weights[block])
         baseline = None if baseline_args is None else fake_quantize_activation(x, baseline_args)
         nodes, batches_at_nodes = self._qig_block_steps.get(block, (min(self.qig_min_steps, self.qig_steps), 0))
         settled = batches_at_nodes >= _CHECKED_BATCHES

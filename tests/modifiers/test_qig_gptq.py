@@ -10,9 +10,8 @@ from llmcompressor.recipe import Recipe
 from safetensors.torch import load_file
 
 import qig_plugin  # noqa: F401  (registers the modifiers)
-from qig_plugin.modifiers import QIGGPTQModifier
+from qig_plugin.modifiers import QIGGPTQModifier, block_attribution
 from qig_plugin.modifiers.groups import resolve_groups
-from qig_plugin.modifiers import block_attribution
 from qig_plugin.modifiers.block_attribution import attendable_tokens as _attendable_tokens
 from tests.modifiers.tiny_llama import calibrate_tiny_llama, load_tiny_llama
 
