@@ -1,35 +1,62 @@
 """Calibration cost of QIG-GPTQ and QIG-AWQ against stock GPTQ and AWQ on the default model, side by side.
 
-    python benchmarks/speed.py [--sizes 4 8 16] [--awq-sizes 4 8] [--scheme w4a16]
+    python benchmarks/speed.py [--sizes 4 8 16] [--awq-sizes 4] [--repeats 3] [--fixed-nodes 1 2]
+                               [--flop-sizes 2 4] [--scheme w4a16]
 
 Every (method, size) runs in its own process, on the same first ``size`` records of the
-shipped calibration set, and reports: the whole ``oneshot`` wall time; the decoder-layer
-time (from the moment text layer 1 first runs to the end, so that the unquantized vision
-tower, which runs in the first subgraph with layer 0, cannot hide QIG's cost); the time
-inside QIG's attribution pre-hooks; and the process's peak resident memory. Writes
-``benchmarks/results/speed.json`` and ``speed.png`` and prints a table.
+shipped calibration set, ``--repeats`` times in interleaved order (stock, QIG, stock, QIG, ...),
+and reports the median and range of: the whole ``oneshot`` wall time; the decoder-layer time
+(from the moment text layer 1 first runs to the end, so that the unquantized vision tower,
+which runs in the first subgraph with layer 0, cannot hide QIG's cost); the time inside QIG's
+attribution pre-hooks; and the process's peak resident memory. ``--fixed-nodes`` adds
+QIG-GPTQ runs at the largest size with that many Gauss-Legendre nodes on every block and no
+completeness check (``qig_gptq@N``: cheaper, less faithful, see attribution_fidelity.json).
+``--flop-sizes`` counts, in separate untimed runs, the FLOPs of stock GPTQ's whole ``oneshot``
+and of QIG-GPTQ's attribution (PyTorch's FlopCounterMode: matmuls and attention), and from two
+sizes their cost per extra calibration token, which no implementation can go below.
+Writes ``benchmarks/results/speed.json`` and ``speed.png`` and prints tables.
 """
 
 import argparse
 import json
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 # stock method -> its QIG twin (recipes/{method}_{scheme}.yaml)
 TWINS = {"gptq": "qig_gptq", "awq": "qig_awq"}
+TIMES = ("oneshot_s", "decoder_layers_s", "attribution_s", "peak_rss_gb")
 
 
-def measure(method: str, size: int, scheme: str) -> dict:
-    """One calibration run in this process; returns its timings and peak memory."""
+def recipe_path(method: str, scheme: str, scratch: Path) -> Path:
+    """``recipes/{method}_{scheme}.yaml``; ``qig_gptq@N`` is that QIG-GPTQ recipe with N nodes on every block, unchecked."""
+    base, _, nodes = method.partition("@")
+    path = REPO_ROOT / "recipes" / f"{base}_{scheme}.yaml"
+    if not nodes:
+        return path
+    recipe = yaml.safe_load(path.read_text())
+    recipe["quant_stage"]["quant_modifiers"]["QIGGPTQModifier"].update(qig_steps=int(nodes), qig_min_steps=int(nodes))
+    patched = scratch / f"{base}_{nodes}_nodes.yaml"
+    patched.write_text(yaml.safe_dump(recipe))
+    return patched
+
+
+def measure(method: str, size: int, scheme: str, count_flops: bool = False) -> dict:
+    """One calibration run in this process; returns its timings and peak memory, or with
+    ``count_flops`` its FLOPs (whole ``oneshot`` and inside QIG's attribution, in GFLOP)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     from qig_plugin.data import build_calibration_dataset, shipped_records
     from qig_plugin.models import build_default_model, load_model, load_processor
     from qig_plugin.modifiers import QIGAWQModifier, QIGGPTQModifier
@@ -49,31 +76,93 @@ def measure(method: str, size: int, scheme: str) -> dict:
     model.model.text_model.layers[1].register_forward_pre_hook(
         lambda *_: layer_one_start.append(time.perf_counter()) if not layer_one_start else None
     )
-    attribution_s = [0.0]
+    attribution_s, attribution_flops = [0.0], [0]
     # where each QIG modifier computes its token weights
     for modifier, name in ((QIGGPTQModifier, "_attribute_group"), (QIGAWQModifier, "_mapping_token_weights")):
         def timed(self, *args, attribute=getattr(modifier, name), **kwargs):
             start = time.perf_counter()
-            result = attribute(self, *args, **kwargs)
+            with FlopCounterMode(display=False) if count_flops else nullcontext() as counter:
+                result = attribute(self, *args, **kwargs)
             attribution_s[0] += time.perf_counter() - start
+            attribution_flops[0] += counter.get_total_flops() if count_flops else 0
             return result
 
         setattr(modifier, name, timed)
     with tempfile.TemporaryDirectory() as scratch:
-        start = time.perf_counter()
-        quantize_to_checkpoint(
-            model, processor, REPO_ROOT / "recipes" / f"{method}_{scheme}.yaml", dataset, Path(scratch) / "out"
-        )
-        end = time.perf_counter()
+        recipe = recipe_path(method, scheme, Path(scratch))
+        with FlopCounterMode(display=False) if count_flops else nullcontext() as counter:
+            start = time.perf_counter()
+            quantize_to_checkpoint(model, processor, recipe, dataset, Path(scratch) / "out")
+            end = time.perf_counter()
+    tokens = sum(len(ids) for ids in dataset["input_ids"])
+    if count_flops:
+        return {"method": method, "samples": size, "tokens": tokens,
+                "oneshot_gflop": round(counter.get_total_flops() / 1e9, 1),
+                "attribution_gflop": round(attribution_flops[0] / 1e9, 1)}
     return {
         "method": method,
         "samples": size,
-        "tokens": sum(len(ids) for ids in dataset["input_ids"]),
+        "tokens": tokens,
         "oneshot_s": round(end - start, 1),
         "decoder_layers_s": round(end - layer_one_start[0], 1),
         "attribution_s": round(attribution_s[0], 1),
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
     }
+
+
+def run_one(method: str, size: int, scheme: str, count_flops: bool = False) -> dict:
+    """``measure`` in a fresh process (nothing cached from an earlier run)."""
+    print(f"running {method} on {size} samples{' (counting FLOPs)' if count_flops else ''} ...", flush=True)
+    completed = subprocess.run(
+        [sys.executable, __file__, "--scheme", scheme, "--one", method, str(size), *(["--count-flops"] * count_flops)],
+        capture_output=True, text=True,
+    )
+    if completed.returncode:
+        raise RuntimeError(f"{method} on {size} samples failed:\n{completed.stderr[-3000:]}")
+    (line,) = [l for l in completed.stdout.splitlines() if l.startswith("RESULT ")]
+    row = json.loads(line.removeprefix("RESULT "))
+    print(f"  {row}", flush=True)
+    return row
+
+
+def medians(runs: list[dict]) -> list[dict]:
+    """One row per (method, samples): the median of each measure over the repeats, and the decoder-layer range."""
+    keys = list(dict.fromkeys((r["method"], r["samples"]) for r in runs))
+    rows = []
+    for method, samples in keys:
+        repeats = [r for r in runs if r["method"] == method and r["samples"] == samples]
+        decoder = [r["decoder_layers_s"] for r in repeats]
+        rows.append({"method": method, "samples": samples, "tokens": repeats[0]["tokens"], "repeats": len(repeats),
+                     **{k: round(statistics.median(r[k] for r in repeats), 2) for k in TIMES},
+                     "decoder_layers_s_range": [min(decoder), max(decoder)]})
+    return rows
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    """Each QIG row against the stock row of its method and size (medians)."""
+    stock_of = {qig: stock for stock, qig in TWINS.items()}
+    out = []
+    for qig in rows:
+        stock_method = stock_of.get(qig["method"].partition("@")[0])
+        stock = next((r for r in rows if r["method"] == stock_method and r["samples"] == qig["samples"]), None)
+        if stock is None:
+            continue
+        out.append({"method": qig["method"], "samples": qig["samples"],
+                    **{key: round(qig[f"{key}_s"] / stock[f"{key}_s"], 2) for key in ("oneshot", "decoder_layers")},
+                    "peak_rss": round(qig["peak_rss_gb"] / stock["peak_rss_gb"], 2)})
+    return out
+
+
+def flop_slopes(counts: list[dict]) -> dict:
+    """FLOPs per extra calibration token between the smallest and largest counted size: stock GPTQ's whole
+    ``oneshot`` and QIG-GPTQ's attribution, and the QIG/stock ratio they bound from below as tokens grow."""
+    def slope(method, key):
+        rows = sorted((r for r in counts if r["method"] == method), key=lambda r: r["tokens"])
+        return (rows[-1][key] - rows[0][key]) / (rows[-1]["tokens"] - rows[0]["tokens"])
+
+    stock, attribution = slope("gptq", "oneshot_gflop"), slope("qig_gptq", "attribution_gflop")
+    return {"stock_gptq_gflop_per_token": round(stock, 3), "qig_attribution_gflop_per_token": round(attribution, 3),
+            "qig_over_stock_per_token": round(1 + attribution / stock, 2)}
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -82,15 +171,17 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(6, 4))
-    for method, marker in zip(sorted({r["method"] for r in rows}), "osD^"):
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for method, marker in zip(dict.fromkeys(r["method"] for r in rows), "osD^v<>"):
         points = [r for r in rows if r["method"] == method]
-        axis.plot([r["tokens"] for r in points], [r["decoder_layers_s"] for r in points], marker=marker,
-                  label=f"{method}: decoder layers")
-        axis.plot([r["tokens"] for r in points], [r["oneshot_s"] for r in points], marker=marker, linestyle=":",
-                  label=f"{method}: whole oneshot")
-    axis.set(xlabel="calibration tokens", ylabel="seconds (2 CPU cores)", title="Calibration time, default model")
-    axis.legend()
+        tokens = [r["tokens"] for r in points]
+        decoder = [r["decoder_layers_s"] for r in points]
+        spread = [[d - r["decoder_layers_s_range"][0] for d, r in zip(decoder, points)],
+                  [r["decoder_layers_s_range"][1] - d for d, r in zip(decoder, points)]]
+        axis.errorbar(tokens, decoder, yerr=spread, marker=marker, capsize=3, label=f"{method}: decoder layers")
+    axis.set(xlabel="calibration tokens", ylabel="seconds (2 CPU cores), median and range",
+             title="Calibration time, default model")
+    axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
 
@@ -98,53 +189,55 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[4, 8, 16], help="GPTQ calibration samples")
-    parser.add_argument("--awq-sizes", type=int, nargs="*", default=[4, 8], help="AWQ calibration samples")
+    parser.add_argument("--awq-sizes", type=int, nargs="*", default=[4], help="AWQ calibration samples")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each (method, size), interleaved")
+    parser.add_argument("--fixed-nodes", type=int, nargs="*", default=[1, 2],
+                        help="also time QIG-GPTQ at the largest size with this many nodes everywhere, unchecked")
+    parser.add_argument("--flop-sizes", type=int, nargs="*", default=[2, 4],
+                        help="count GPTQ and QIG-GPTQ FLOPs at these sizes (untimed runs, ~20x slower)")
     parser.add_argument("--scheme", default="w4a16", help="recipe suffix: w4a16, w4a8, w8a8, w3a16")
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "SIZE"), help=argparse.SUPPRESS)
+    parser.add_argument("--count-flops", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print("RESULT " + json.dumps(measure(args.one[0], int(args.one[1]), args.scheme)))
+        print("RESULT " + json.dumps(measure(args.one[0], int(args.one[1]), args.scheme, args.count_flops)))
         return
+    if len(args.flop_sizes) == 1:
+        parser.error("--flop-sizes needs two sizes or more (the cost per token is a slope), or none")
 
-    runs = [(size, method) for stock, sizes in (("gptq", args.sizes), ("awq", args.awq_sizes))
+    plan = [(size, method) for stock, sizes in (("gptq", args.sizes), ("awq", args.awq_sizes))
             for size in sizes for method in (stock, TWINS[stock])]
-    rows = []
-    for size, method in runs:
-        print(f"running {method} on {size} samples ...", flush=True)
-        completed = subprocess.run(
-            [sys.executable, __file__, "--scheme", args.scheme, "--one", method, str(size)],
-            capture_output=True, text=True, check=True,
-        )
-        (line,) = [l for l in completed.stdout.splitlines() if l.startswith("RESULT ")]
-        rows.append(json.loads(line.removeprefix("RESULT ")))
-        print(f"  {rows[-1]}", flush=True)
-    ratios = []
-    for size, method in runs[::2]:
-        stock, qig = (next(r for r in rows if r["samples"] == size and r["method"] == m)
-                      for m in (method, TWINS[method]))
-        ratios.append({
-            "method": TWINS[method],
-            "samples": size,
-            "oneshot": round(qig["oneshot_s"] / stock["oneshot_s"], 2),
-            "decoder_layers": round(qig["decoder_layers_s"] / stock["decoder_layers_s"], 2),
-            "peak_rss": round(qig["peak_rss_gb"] / stock["peak_rss_gb"], 2),
-        })
+    plan += [(max(args.sizes), f"qig_gptq@{nodes}") for nodes in args.fixed_nodes]
+    counts = [run_one(method, size, args.scheme, count_flops=True)
+              for size in args.flop_sizes for method in ("gptq", "qig_gptq")]
+    runs = [{**run_one(method, size, args.scheme), "repeat": repeat}
+            for repeat in range(args.repeats) for size, method in plan]
+    rows = medians(runs)
+    qig_over_stock = ratios(rows)
+    flops = flop_slopes(counts) if counts else None
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "speed.json").write_text(json.dumps({
         "model": "default (SmolLM2-135M-Instruct in SmolVLM, random 2-layer vision tower)",
         "scheme": args.scheme, "cpu": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(), "rows": rows, "qig_over_stock": ratios}, indent=1) + "\n")
+        "threads": torch.get_num_threads(), "repeats": args.repeats, "rows": rows, "qig_over_stock": qig_over_stock,
+        "flop_counts": counts, "flops_per_token": flops, "runs": runs}, indent=1) + "\n")
     plot(rows, RESULTS / "speed.png")
 
-    print("\n| samples | tokens | method | oneshot s | decoder layers s | QIG attribution s | peak RSS GB |")
+    print(f"\nmedians of {args.repeats} runs")
+    print("| samples | tokens | method | oneshot s | decoder layers s (range) | QIG attribution s | peak RSS GB |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
+        low, high = r["decoder_layers_s_range"]
         print(f"| {r['samples']} | {r['tokens']} | {r['method']} | {r['oneshot_s']} | {r['decoder_layers_s']} "
-              f"| {r['attribution_s']} | {r['peak_rss_gb']} |")
+              f"({low}-{high}) | {r['attribution_s']} | {r['peak_rss_gb']} |")
     print("\n| QIG method | samples | QIG/stock oneshot | QIG/stock decoder layers | QIG/stock peak RSS |")
     print("|---|---|---|---|---|")
-    for r in ratios:
+    for r in qig_over_stock:
         print(f"| {r['method']} | {r['samples']} | {r['oneshot']} | {r['decoder_layers']} | {r['peak_rss']} |")
+    if flops:
+        print(f"\nper extra calibration token: stock GPTQ oneshot {flops['stock_gptq_gflop_per_token']} GFLOP, "
+              f"QIG attribution {flops['qig_attribution_gflop_per_token']} GFLOP: QIG-GPTQ/GPTQ tends to at "
+              f"least {flops['qig_over_stock_per_token']}x as calibration tokens grow")
 
 
 if __name__ == "__main__":
