@@ -194,7 +194,7 @@ def main() -> None:
     parser.add_argument("--fixed-nodes", type=int, nargs="*", default=[1, 2],
                         help="also time QIG-GPTQ at the largest size with this many nodes everywhere, unchecked")
     parser.add_argument("--flop-sizes", type=int, nargs="*", default=[2, 4],
-                        help="count GPTQ and QIG-GPTQ FLOPs at these sizes (untimed runs, ~20x slower)")
+                        help="count GPTQ and QIG-GPTQ FLOPs at these sizes (untimed runs, about 6x slower)")
     parser.add_argument("--scheme", default="w4a16", help="recipe suffix: w4a16, w4a8, w8a8, w3a16")
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "SIZE"), help=argparse.SUPPRESS)
     parser.add_argument("--count-flops", action="store_true", help=argparse.SUPPRESS)
