@@ -36,7 +36,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 # stock method -> its QIG twin (recipes/{method}_{scheme}.yaml)
 TWINS = {"gptq": "qig_gptq", "awq": "qig_awq"}
-TIMES = ("oneshot_s", "decoder_layers_s", "attribution_s", "peak_rss_gb")
+MEASURES = ("oneshot_s", "decoder_layers_s", "attribution_s", "peak_rss_gb")
 
 
 def recipe_path(method: str, scheme: str, scratch: Path) -> Path:
@@ -133,7 +133,7 @@ def medians(runs: list[dict]) -> list[dict]:
         repeats = [r for r in runs if r["method"] == method and r["samples"] == samples]
         decoder = [r["decoder_layers_s"] for r in repeats]
         rows.append({"method": method, "samples": samples, "tokens": repeats[0]["tokens"], "repeats": len(repeats),
-                     **{k: round(statistics.median(r[k] for r in repeats), 2) for k in TIMES},
+                     **{k: round(statistics.median(r[k] for r in repeats), 2) for k in MEASURES},
                      "decoder_layers_s_range": [min(decoder), max(decoder)]})
     return rows
 
