@@ -26,9 +26,9 @@ from qig_plugin.attribution import discrepancy, fake_quantize_weight, integrated
 from qig_plugin.data import batch_one_collator, build_calibration_dataset, shipped_records
 from qig_plugin.models import build_default_model, load_model, load_processor
 from qig_plugin.modifiers.block_attribution import _linear_weights
-from qig_plugin.serve_env import REPO_ROOT
 
-RESULTS = REPO_ROOT / "benchmarks" / "results"
+
+RESULTS = Path(__file__).resolve().parent / "results"
 W4_GROUP64 = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=64)
 CANDIDATES = [("gauss_legendre", n) for n in (1, 2, 3, 4, 6, 8)] + [("uniform", n) for n in (8, 16, 32)]
 ADAPTIVE_TOLERANCE = 0.01  # the modifiers' qig_completeness_tol default

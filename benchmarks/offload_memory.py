@@ -7,7 +7,7 @@
    the project's real SmolLM2 text model (``build_text_model``).
 2. A control process loads that model fully into memory (no limit), runs it on one sample and
    reports its peak RSS.
-3. For QIG-GPTQ and stock GPTQ (``recipes/{qig_,}gptq_w4a16_g128.yaml``), each in a fresh process:
+3. For QIG-GPTQ and stock GPTQ (``qig_plugin/recipes/{qig_,}gptq_w4a16_g128.yaml``), each in a fresh process:
    loads the model with every weight offloaded to disk
    (``compressed_tensors.offload.load_offloaded_model`` + ``from_pretrained(device_map={"": "disk"},
    offload_folder=...)``: every parameter stays a meta tensor backed by a safetensors file, and
@@ -184,6 +184,7 @@ def calibrate_offloaded(args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qig_plugin.quantize import calibrate
+    from qig_plugin.recipes import shipped_recipe
 
     result = {"rss_after_imports": rss()}
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
@@ -221,7 +222,7 @@ def calibrate_offloaded(args) -> dict:
     reset_peak_rss()
     log(f"{args.method}: calibrating (RSS {rss() / GIB:.2f} GiB, limit {args.limit_bytes / GIB:.2f} GiB)")
     start = time.perf_counter()
-    calibrate(model, tokenizer, REPO_ROOT / "recipes" / RECIPES[args.method], dataset,
+    calibrate(model, tokenizer, shipped_recipe(RECIPES[args.method]), dataset,
               sequential_targets=["LlamaDecoderLayer"])
     result["calibration_s"] = time.perf_counter() - start
     result["peak_rss_calibration"] = peak_rss()

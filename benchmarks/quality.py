@@ -33,8 +33,10 @@ import numpy as np
 import torch
 import yaml
 
+from qig_plugin.recipes import shipped_recipe
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-RECIPES = REPO_ROOT / "recipes"
+RECIPES = shipped_recipe("gptq_w8a8").parent
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 CELLS = RESULTS / "quality_cells"
 SEED = 0
@@ -95,7 +97,7 @@ def control_modifiers():
     class NormWeightedGPTQModifier(QIGGPTQModifier):
         """Control: token scores ``||x_t||`` of the block input, normalized and IQR-clipped as QIG's."""
 
-        def _block_scores(self, block, weight_args, args, kwargs, baseline_args=None, input_linears=()):
+        def qig_scores(self, block, weight_args, args, kwargs, baseline_args=None, input_linears=()):
             return block_input(args, kwargs)[1].detach().float().norm(dim=-1)
 
     class SinkMaskedGPTQModifier(QIGGPTQModifier):
@@ -103,7 +105,7 @@ def control_modifiers():
 
         qig_iqr_clip: bool = False
 
-        def _block_scores(self, block, weight_args, args, kwargs, baseline_args=None, input_linears=()):
+        def qig_scores(self, block, weight_args, args, kwargs, baseline_args=None, input_linears=()):
             scores = torch.ones(block_input(args, kwargs)[1].shape[:2])
             scores[:, 0] = 0.0
             return scores
@@ -113,7 +115,7 @@ def control_modifiers():
 
         qig_iqr_clip: bool = False
 
-        def _block_scores(self, block, weight_args, args, kwargs, baseline_args=None, input_linears=()):
+        def qig_scores(self, block, weight_args, args, kwargs, baseline_args=None, input_linears=()):
             return torch.ones(block_input(args, kwargs)[1].shape[:2])
 
     class SplitAttentionQIGGPTQModifier(QIGGPTQModifier):
@@ -127,9 +129,9 @@ def control_modifiers():
             keep = self._token_mask(block_in, kwargs)
             query, key_value = group.linears[:1], group.linears[1:]
             for linears in (query, key_value):
-                scores = self._block_scores(block, {m: group.weight_args[m] for m in linears}, args, kwargs)
+                scores = self.qig_scores(block, {m: group.weight_args[m] for m in linears}, args, kwargs)
                 for linear in linears:
-                    self._qig_weights[linear] = self._token_weights(scores, keep)
+                    self._pending_weights[linear] = self.qig_weights(scores, keep)
 
     return {cls.__name__: cls for cls in (NormWeightedGPTQModifier, SinkMaskedGPTQModifier,
                                           UniformWeightedGPTQModifier, SplitAttentionQIGGPTQModifier)}

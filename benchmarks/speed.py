@@ -32,17 +32,19 @@ from pathlib import Path
 import torch
 import yaml
 
+from qig_plugin.recipes import shipped_recipe
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = REPO_ROOT / "benchmarks" / "results"
-# stock method -> its QIG twin (recipes/{method}_{scheme}.yaml)
+# stock method -> its QIG twin (qig_plugin/recipes/{method}_{scheme}.yaml)
 TWINS = {"gptq": "qig_gptq", "awq": "qig_awq"}
 MEASURES = ("oneshot_s", "decoder_layers_s", "attribution_s", "peak_rss_gb")
 
 
 def recipe_path(method: str, scheme: str, scratch: Path) -> Path:
-    """``recipes/{method}_{scheme}.yaml``; ``qig_gptq@N`` is that QIG-GPTQ recipe with N nodes on every block, unchecked."""
+    """``qig_plugin/recipes/{method}_{scheme}.yaml``; ``qig_gptq@N`` is that QIG-GPTQ recipe with N nodes on every block, unchecked."""
     base, _, nodes = method.partition("@")
-    path = REPO_ROOT / "recipes" / f"{base}_{scheme}.yaml"
+    path = shipped_recipe(f"{base}_{scheme}")
     if not nodes:
         return path
     recipe = yaml.safe_load(path.read_text())

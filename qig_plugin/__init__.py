@@ -1,15 +1,13 @@
 """QIG (Quantization-aware Integrated Gradients) for llm-compressor.
 
-Importing ``qig_plugin`` registers its modifiers in llm-compressor's ``ModifierFactory``, so
-recipes can name them. In an environment without llm-compressor (the vLLM serve
-environment) the package imports without registering anything.
+``import qig_plugin`` registers its modifiers in llm-compressor's modifier factory, so recipes can
+name them: at once when llm-compressor is already imported, else as soon as it is (the import
+itself stays light: ``qig --help`` loads neither torch nor llm-compressor). In an environment
+without llm-compressor (the vLLM serve environment) nothing is registered.
 """
-
-import importlib.util
 
 __version__ = "0.1.0"
 
-if importlib.util.find_spec("llmcompressor") is not None:
-    from qig_plugin.registry import register_modifiers
+from qig_plugin.registry import register_when_llmcompressor_loads  # noqa: E402
 
-    register_modifiers()
+register_when_llmcompressor_loads()

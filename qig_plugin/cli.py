@@ -23,11 +23,13 @@ DEFAULT_SAMPLES = 16
 QUANTIZE_EXAMPLES = """examples:
   qig quantize ~/.cache/qig-plugin/smolvlm-smollm2-135m-random-vision --scheme W8A8 --output out/w8a8
   qig quantize MODEL --scheme W4A16 --method gptq --samples 32 --output out/gptq-w4a16
-  qig quantize MODEL --recipe recipes/qig_gptq_w4a8.yaml --data my_records.jsonl --output out/w4a8
+  qig quantize MODEL --recipe qig_gptq_w4a8 --data my_records.jsonl --output out/w4a8
+  qig quantize MODEL --recipe my_recipe.yaml --output out/custom
   qig quantize MODEL --scheme W3A16 --allow-unservable --output out/w3a16   # for a GPU server
 
---scheme picks recipes/<method>_<scheme>.yaml, the group-128 (_g128) variant when the model's
-width is a multiple of 128. --data takes a .json list or .jsonl of
+--scheme picks the shipped recipe <method>_<scheme>, the group-128 (_g128) variant when the
+model's width is a multiple of 128. --recipe takes a YAML file or a shipped recipe's name
+(qig_plugin/recipes/). --data takes a .json list or .jsonl of
 {"image": "photo.jpg" | null, "prompt": "...", "answer": "..."} records (image paths relative to
 the file), or a datasets folder (save_to_disk) of such columns or of tokenized rows.
 """
@@ -79,11 +81,11 @@ def _recipe_path(args: argparse.Namespace, config: dict) -> Path:
     """``--recipe``, or the shipped recipe for ``--scheme`` and ``--method`` at the model's width."""
     if args.recipe is not None:
         return args.recipe
-    from qig_plugin.serve_env import REPO_ROOT
+    from qig_plugin.recipes import shipped_recipe
     from qig_plugin.validation import text_hidden_size
 
     suffix = "_g128" if args.scheme != "W8A8" and text_hidden_size(config) % 128 == 0 else ""
-    return REPO_ROOT / "recipes" / f"{METHODS[args.method]}_{args.scheme.lower()}{suffix}.yaml"
+    return shipped_recipe(f"{METHODS[args.method]}_{args.scheme.lower()}{suffix}")
 
 
 def _load_model_and_processor(model: str | Path, config: dict, trust_remote_code: bool):

@@ -15,7 +15,8 @@ from pathlib import Path
 from qig_plugin.data import build_calibration_dataset, load_photo, shipped_records
 from qig_plugin.models import build_default_model, load_model, load_processor
 from qig_plugin.quantize import quantize_to_checkpoint
-from qig_plugin.serve_env import REPO_ROOT, run_in_serve_env
+from qig_plugin.recipes import shipped_recipe
+from qig_plugin.serve_env import run_in_serve_env
 from qig_plugin.serving import fastest_servable_scheme
 
 PHOTO = "astronaut"
@@ -30,7 +31,7 @@ def _step(title: str) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=16, help="calibration samples")
-    parser.add_argument("--output", type=Path, default=REPO_ROOT / "outputs" / "demo", help="output root")
+    parser.add_argument("--output", type=Path, default=Path("outputs/demo"), help="output root (default outputs/demo)")
     args = parser.parse_args(argv)
     timings: dict[str, float] = {}
 
@@ -40,8 +41,8 @@ def main(argv: list[str] | None = None) -> int:
 
     start = _step("2/4 pick the scheme")
     scheme, reason = fastest_servable_scheme()
-    recipe = REPO_ROOT / "recipes" / f"qig_gptq_{scheme.lower()}.yaml"
-    print(f"{scheme}: {reason}\nrecipe {recipe.relative_to(REPO_ROOT)}")
+    recipe = shipped_recipe(f"qig_gptq_{scheme.lower()}")
+    print(f"{scheme}: {reason}\nrecipe {recipe.name}")
     timings["pick scheme"] = time.perf_counter() - start
 
     start = _step(f"3/4 QIG-GPTQ {scheme} on {args.samples} real calibration samples")

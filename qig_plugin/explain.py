@@ -133,8 +133,8 @@ def explain_sample(
     for (layer_index, group), (args, kwargs) in calls.items():
         block = layers[layer_index].self_attn if group == "attention" else layers[layer_index].mlp
         linears = {module: weight_args for module in block.modules() if isinstance(module, torch.nn.Linear)}
-        scores = attribution._block_scores(block, linears, args, kwargs)
-        explanation.weights[(layer_index, group)] = attribution._token_weights(scores, None)[0].detach()
+        scores = attribution.qig_scores(block, linears, args, kwargs)
+        explanation.weights[(layer_index, group)] = attribution.qig_weights(scores, None)[0].detach()
     return explanation
 
 

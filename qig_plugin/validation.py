@@ -113,7 +113,7 @@ def load_recipe_modifiers(recipe: Path) -> list:
     import qig_plugin  # noqa: F401  (registers the QIG modifiers)
 
     if not recipe.is_file():
-        raise InputError(f"recipe {recipe} does not exist; pass a recipe YAML (see recipes/) or use --scheme")
+        raise InputError(f"recipe {recipe} does not exist; pass a recipe YAML or a shipped recipe's name (qig_plugin/recipes/)")
     try:
         modifiers = Recipe.create_instance(str(recipe)).modifiers
     except pydantic.ValidationError as error:
@@ -124,18 +124,16 @@ def load_recipe_modifiers(recipe: Path) -> list:
         raise InputError(
             f"recipe {recipe} parses to no modifiers: llm-compressor reads only the nested form "
             "`<name>_stage:` / `<name>_modifiers:` / `ModifierName: {...}` and runs a flat YAML as an empty "
-            "recipe; nest the modifiers as in recipes/qig_gptq_w8a8.yaml"
+            "recipe; nest the modifiers as in qig_plugin/recipes/qig_gptq_w8a8.yaml"
         )
     return modifiers
 
 
 def _describe_validation_error(error) -> str:
     """One sentence per field problem, with the nearest known field name for unknown ones."""
-    from llmcompressor.modifiers.factory import ModifierFactory
+    from qig_plugin.upstream import modifier_class as find_modifier_class
 
-    modifier_class = ModifierFactory._registered_registry.get(error.title) or ModifierFactory._main_registry.get(
-        error.title
-    )
+    modifier_class = find_modifier_class(error.title)
     known = list(modifier_class.model_fields) if modifier_class is not None else []
     problems = []
     for problem in error.errors():

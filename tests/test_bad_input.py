@@ -18,10 +18,11 @@ from datasets import Dataset
 from qig_plugin import cli, quantize
 from qig_plugin.cli import main
 from qig_plugin.quantize import quantize_to_checkpoint
+from qig_plugin.recipes import shipped_recipe
 from qig_plugin.validation import NonFiniteActivationError
 from tests.modifiers.tiny_llama import load_tiny_llama, random_token_dataset, tiny_tokenizer
 
-W8A8_RECIPE = Path(__file__).parent.parent / "recipes" / "gptq_w8a8.yaml"
+W8A8_RECIPE = shipped_recipe("gptq_w8a8")
 
 
 def snapshot(root: Path) -> dict[str, bytes]:

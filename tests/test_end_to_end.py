@@ -12,7 +12,8 @@ import pytest
 from qig_plugin.data import build_calibration_dataset, load_photo, shipped_records
 from qig_plugin.models import load_model, load_processor
 from qig_plugin.quantize import quantize_to_checkpoint
-from qig_plugin.serve_env import REPO_ROOT, ServeEnvMissingError, run_in_serve_env, serve_python
+from qig_plugin.recipes import shipped_recipe
+from qig_plugin.serve_env import ServeEnvMissingError, run_in_serve_env, serve_python
 from qig_plugin.serving import cpu_serving_support
 
 pytestmark = pytest.mark.slow
@@ -47,7 +48,7 @@ def served_checkpoints(default_model_dir, tmp_path_factory):
             continue
         checkpoint = root / scheme
         quantize_to_checkpoint(
-            load_model(default_model_dir), processor, REPO_ROOT / "recipes" / recipe, dataset, checkpoint
+            load_model(default_model_dir), processor, shipped_recipe(recipe), dataset, checkpoint
         )
         output = root / f"{scheme}.json"
         completed = run_in_serve_env(

@@ -1,4 +1,4 @@
-"""Every recipe under recipes/ runs on a tiny model and writes the config it promises."""
+"""Every shipped recipe (qig_plugin/recipes/) runs on a tiny model and writes the config it promises."""
 
 import json
 from pathlib import Path
@@ -11,10 +11,11 @@ from llmcompressor.pipelines.cache import IntermediatesCache
 
 import qig_plugin  # noqa: F401  (registers the modifiers)
 from qig_plugin.quantize import quantize_to_checkpoint
+from qig_plugin.recipes import shipped_recipes
 from tests.modifiers.tiny_llama import load_tiny_llama, random_token_dataset, tiny_tokenizer
 from tests.tiny_models import tiny_idefics3
 
-RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+RECIPES = shipped_recipes()
 # plugin recipe prefix -> what its stock twin's name starts with instead
 TWIN_PREFIXES = {"qig_gptq_": "gptq_", "qig_awq_": "awq_", "qig_sq_gptq_": "sq_gptq_", "mbq_awq_": "awq_"}
 REQUIRED = {

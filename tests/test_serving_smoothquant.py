@@ -1,6 +1,6 @@
 """QIG-SmoothQuant + GPTQ checkpoints (W8A8 and W4A8, from the shipped recipes) served by vLLM on the CPU.
 
-A tiny Llama is quantized here with ``recipes/qig_sq_gptq_{w8a8,w4a8}.yaml`` and both checkpoints are generated
+A tiny Llama is quantized here with ``qig_plugin/recipes/qig_sq_gptq_{w8a8,w4a8}.yaml`` and both checkpoints are generated
 from by one subprocess in the serve venv: smoothing rescales norms and linears in place, so this checks that the
 result is still a checkpoint vLLM loads with its int8 / int4 kernels and generates from.
 """
@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from qig_plugin.serve_env import REPO_ROOT, ServeEnvMissingError, run_in_serve_env, serve_python
+from qig_plugin.serve_env import ServeEnvMissingError, run_in_serve_env, serve_python
 from qig_plugin.serving import cpu_serving_support
+from qig_plugin.recipes import shipped_recipe
 
 try:
     serve_python()
@@ -55,7 +56,7 @@ def served(tmp_path_factory) -> dict[str, dict]:
     support = cpu_serving_support()
     checkpoints = {s: root / s for s in RECIPES if support[s] is None}
     for scheme, checkpoint in checkpoints.items():
-        _quantize(root / "bf16", REPO_ROOT / "recipes" / RECIPES[scheme], checkpoint)
+        _quantize(root / "bf16", shipped_recipe(RECIPES[scheme]), checkpoint)
     results_file = root / "results.json"
     completed = run_in_serve_env(
         ["generate", *map(str, checkpoints.values()), "--prompt", PROMPT, "--max-tokens", str(MAX_TOKENS),

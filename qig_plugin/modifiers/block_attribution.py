@@ -103,13 +103,13 @@ class QIGAttribution(TokenMasking):
     _qig_quantized: dict[torch.nn.Module, tuple[tuple, torch.Tensor]] = PrivateAttr(default_factory=dict)
 
     # lambda [batch, seq] with mean 1 over each sample's kept tokens, as stock calibration counts them
-    def _token_weights(self, scores: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    def qig_weights(self, scores: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
         kept_tokens = keep.sum(dim=-1, keepdim=True) if keep is not None else scores.shape[-1]
         iqr_k = self.qig_iqr_k if self.qig_iqr_clip else None
         return token_weights(scores, keep, iqr_k) * kept_tokens
 
     # QIG scores [batch, seq] of the block input, with hooks off and gradients on
-    def _block_scores(
+    def qig_scores(
         self,
         block: torch.nn.Module,
         weight_args: dict[torch.nn.Module, QuantizationArgs],

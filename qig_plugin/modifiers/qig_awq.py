@@ -36,7 +36,7 @@ class QIGAWQModifier(QIGAttribution, TokenWeightedAWQModifier):
         self, mapping: ResolvedMapping, keeps: list[torch.Tensor | None]
     ) -> list[torch.Tensor]:
         attribute = partial(
-            self._block_scores, mapping.parent, quantized_linears(mapping.parent), input_linears=mapping.balance_layers
+            self.qig_scores, mapping.parent, quantized_linears(mapping.parent), input_linears=mapping.balance_layers
         )
         batches = self._parent_args_cache[mapping.parent]
         if len(batches) != len(keeps):
@@ -45,7 +45,7 @@ class QIGAWQModifier(QIGAttribution, TokenWeightedAWQModifier):
             )
         routes = self._expert_routes.pop(mapping.parent, None)
         if routes is None:
-            return [self._token_weights(attribute((), kwargs), keep) for kwargs, keep in zip(batches, keeps)]
+            return [self.qig_weights(attribute((), kwargs), keep) for kwargs, keep in zip(batches, keeps)]
         iqr_k = self.qig_iqr_k if self.qig_iqr_clip else None
         weights = []
         for kwargs, route in zip(batches, routes):

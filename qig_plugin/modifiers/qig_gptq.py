@@ -39,7 +39,7 @@ class QIGGPTQModifier(QIGAttribution, GPTQModifier):
 
     _qig_groups: list[SubLayerGroup] = PrivateAttr(default_factory=list)
     _qig_group_of: dict[torch.nn.Module, SubLayerGroup] = PrivateAttr(default_factory=dict)
-    _qig_weights: dict[torch.nn.Module, torch.Tensor] = PrivateAttr(default_factory=dict)
+    _pending_weights: dict[torch.nn.Module, torch.Tensor] = PrivateAttr(default_factory=dict)
     _expert_routing: ExpertRouting | None = PrivateAttr(default=None)
 
     def on_calibration_start(self, state: State, event: Event, **kwargs):
@@ -72,7 +72,7 @@ class QIGGPTQModifier(QIGAttribution, GPTQModifier):
 
         ``lambda`` is ``[batch, seq]`` for ``[batch, seq, features]`` inputs, ``[rows]`` for an expert's ``[rows, features]``.
         """
-        weights = self._qig_weights.pop(module, None)
+        weights = self._pending_weights.pop(module, None)
         if weights is None and args[0].ndim == 3 and module in self._qig_group_of:
             raise ValueError(
                 f"QIG could not place {self._module_names.get(module, type(module).__name__)}: it ran on a "
@@ -89,7 +89,7 @@ class QIGGPTQModifier(QIGAttribution, GPTQModifier):
 
     def on_calibration_end(self, state: State, event: Event, **kwargs):
         super().on_calibration_end(state, event, **kwargs)
-        self._qig_weights.clear()
+        self._pending_weights.clear()
         self._qig_token_mask = None
         self._expert_routing = None
         self._qig_group_of.clear()
@@ -106,15 +106,15 @@ class QIGGPTQModifier(QIGAttribution, GPTQModifier):
             if route is None:
                 return
             routed_args, routed_kwargs = routed_call(args, kwargs, position, route)
-            scores = self._block_scores(
+            scores = self.qig_scores(
                 block, group.weight_args, routed_args, routed_kwargs, baseline_args, group.linears
             )
             weights = expert_token_weights(scores, route, self.qig_iqr_k if self.qig_iqr_clip else None)
         elif block_in.ndim == 3:
             keep = self._token_mask(block_in, kwargs)
-            scores = self._block_scores(block, group.weight_args, args, kwargs, baseline_args, group.linears)
-            weights = self._token_weights(scores, keep)
+            scores = self.qig_scores(block, group.weight_args, args, kwargs, baseline_args, group.linears)
+            weights = self.qig_weights(scores, keep)
         else:
             return
         for linear in group.linears:
-            self._qig_weights[linear] = weights
+            self._pending_weights[linear] = weights

@@ -88,8 +88,8 @@ class QIGSmoothQuantModifier(QIGAttribution, SmoothQuantModifier):
         output = self._held_outputs.pop(smooth_name)
         _, block_in = block_input(args, kwargs)
         keep = self._token_mask(block_in, kwargs)
-        scores = self._block_scores(block, quantized_linears(block), args, kwargs, input_linears=balance_layers)
-        weights = self._token_weights(scores, keep)
+        scores = self.qig_scores(block, quantized_linears(block), args, kwargs, input_linears=balance_layers)
+        weights = self.qig_weights(scores, keep)
         low, high = weighted_channel_range(output, weights, keep)
         if smooth_name in self.scales_:
             scale = self.scales_[smooth_name]

@@ -27,14 +27,14 @@ def test_qig_gptq_quantizes_the_text_model_of_each_family(family, tmp_path, monk
     assert decoder_layer_class(tiny.model) == tiny.sequential_target
 
     recorded = []
-    real_token_weights = QIGGPTQModifier._token_weights
+    real_token_weights = QIGGPTQModifier.qig_weights
 
     def record(self, scores, keep):
         weights = real_token_weights(self, scores, keep)
         recorded.append(weights)
         return weights
 
-    monkeypatch.setattr(QIGGPTQModifier, "_token_weights", record)
+    monkeypatch.setattr(QIGGPTQModifier, "qig_weights", record)
     output = tmp_path / "checkpoint"
     quantize_to_checkpoint(
         tiny.model, tiny.processor, RECIPE.format(ignore=json.dumps(tiny.ignore)), tiny.dataset, output

@@ -48,8 +48,8 @@ def test_hoisted_input_linears_give_the_same_scores(biased_llama, block_name, ba
     weight_args = {m: W4_GROUP32 for m in block.modules() if isinstance(m, torch.nn.Linear)}
     args, kwargs = calls[block_name]
     modifier = QIGGPTQModifier(targets="Linear", scheme="W4A16", qig_min_steps=6)
-    per_node = modifier._block_scores(block, weight_args, args, kwargs, baseline_args)
-    hoisted = modifier._block_scores(block, weight_args, args, kwargs, baseline_args, input_linears)
+    per_node = modifier.qig_scores(block, weight_args, args, kwargs, baseline_args)
+    hoisted = modifier.qig_scores(block, weight_args, args, kwargs, baseline_args, input_linears)
     assert per_node.shape == (2, 9) and per_node.abs().sum() > 0
     assert torch.allclose(hoisted, per_node, rtol=1e-4, atol=1e-7)
 
@@ -59,7 +59,7 @@ def test_a_single_linear_takes_the_closed_form_of_its_path_integral(biased_llama
     block, _ = blocks["o_proj"]
     args, kwargs = calls["o_proj"]
     modifier = QIGGPTQModifier(targets="Linear", scheme="W4A16")
-    closed_form = modifier._block_scores(block, {block: W4_GROUP32}, args, kwargs, input_linears=[block])
+    closed_form = modifier.qig_scores(block, {block: W4_GROUP32}, args, kwargs, input_linears=[block])
     q_weight = fake_quantize_weight(block.weight, W4_GROUP32)
     x = args[0].detach().float()
     path_integral, _ = qig_token_scores(block, lambda z: torch.nn.functional.linear(z, q_weight, block.bias), x,
@@ -73,14 +73,14 @@ def test_quantized_weights_are_rebuilt_when_a_weight_changes(biased_llama):
     block, input_linears = blocks["mlp"]
     weight_args = {m: W4_GROUP32 for m in block.modules() if isinstance(m, torch.nn.Linear)}
     modifier = QIGGPTQModifier(targets="Linear", scheme="W4A16")
-    before = modifier._block_scores(block, weight_args, *calls["mlp"], input_linears=input_linears)
+    before = modifier.qig_scores(block, weight_args, *calls["mlp"], input_linears=input_linears)
     original = block.up_proj.weight.detach().clone()
     try:
         with torch.no_grad():  # as AWQ's smoothing and update_offload_parameter change weights
             block.up_proj.weight.mul_(torch.linspace(0.5, 2.0, original.shape[1]))
-        after = modifier._block_scores(block, weight_args, *calls["mlp"], input_linears=input_linears)
+        after = modifier.qig_scores(block, weight_args, *calls["mlp"], input_linears=input_linears)
         fresh = QIGGPTQModifier(targets="Linear", scheme="W4A16")
-        expected = fresh._block_scores(block, weight_args, *calls["mlp"], input_linears=input_linears)
+        expected = fresh.qig_scores(block, weight_args, *calls["mlp"], input_linears=input_linears)
     finally:
         with torch.no_grad():
             block.up_proj.weight.copy_(original)

@@ -118,7 +118,7 @@ def test_qig_gptq_with_weights_of_one_is_bit_identical_to_stock_gptq_on_moe(moe,
     stock.save_pretrained(tmp_path / "stock", save_compressed=True)
 
     monkeypatch.setattr(qig_gptq, "expert_token_weights", lambda scores, route, iqr_k: torch.ones(route.total_rows))
-    monkeypatch.setattr(QIGGPTQModifier, "_token_weights", lambda self, scores, keep: torch.ones_like(scores))
+    monkeypatch.setattr(QIGGPTQModifier, "qig_weights", lambda self, scores, keep: torch.ones_like(scores))
     ones = _reload(moe)
     _calibrate(moe, ones, [QIGGPTQModifier(qig_steps=2, **scheme)])
     ones.save_pretrained(tmp_path / "ones", save_compressed=True)

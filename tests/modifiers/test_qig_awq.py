@@ -57,13 +57,13 @@ def test_equal_weights_choose_the_stock_awq_scales(tiny_llama_dir, tmp_path, mon
     chosen_scales.clear()
 
     calls = []
-    real_token_weights = QIGAWQModifier._token_weights
+    real_token_weights = QIGAWQModifier.qig_weights
 
     def weights_of_one(self, scores, keep):
         calls.append(real_token_weights(self, scores, keep))  # the full QIG path still runs
         return torch.ones_like(scores)
 
-    monkeypatch.setattr(QIGAWQModifier, "_token_weights", weights_of_one)
+    monkeypatch.setattr(QIGAWQModifier, "qig_weights", weights_of_one)
     ones = quantize(tiny_llama_dir, QIGAWQModifier(loss_mode="mse", qig_steps=2), tmp_path / "ones")
 
     # 2 layers x (q/k/v, gate/up, down); v -> o is skipped by AWQ for GQA shapes

@@ -29,13 +29,13 @@ def test_weights_of_one_give_a_checkpoint_bit_identical_to_stock_gptq(tiny_llama
     stock, _ = quantize(tiny_llama_dir, GPTQModifier(**SCHEME), tmp_path / "stock", **in_order)
 
     calls = []
-    real_token_weights = QIGGPTQModifier._token_weights
+    real_token_weights = QIGGPTQModifier.qig_weights
 
     def weights_of_one(self, scores, keep):
         calls.append(real_token_weights(self, scores, keep))  # the full QIG path still runs
         return torch.ones_like(scores)
 
-    monkeypatch.setattr(QIGGPTQModifier, "_token_weights", weights_of_one)
+    monkeypatch.setattr(QIGGPTQModifier, "qig_weights", weights_of_one)
     ones, _ = quantize(tiny_llama_dir, QIGGPTQModifier(**SCHEME), tmp_path / "ones", **in_order)
 
     assert len(calls) == 6 * 2 * 4  # samples x layers x groups (attention, o_proj, mlp, down_proj)
@@ -61,11 +61,11 @@ def test_hessian_is_the_token_weighted_sum(tiny_llama_dir):
     torch.manual_seed(0)
     inputs = torch.randn(2, 5, linear.in_features)
     weights = torch.rand(2, 5) * 2
-    modifier._qig_weights[linear] = weights
+    modifier._pending_weights[linear] = weights
     modifier.calibrate_module(linear, (inputs,), None)
     expected = 2 * torch.einsum("bt,bti,btj->ij", weights, inputs, inputs)
     assert torch.allclose(modifier._hessians[linear], expected, rtol=1e-5, atol=1e-5)
-    assert linear not in modifier._qig_weights  # consumed, never reused for another batch
+    assert linear not in modifier._pending_weights  # consumed, never reused for another batch
 
 
 def test_groups_follow_llm_compressor_mappings(tiny_llama_dir):
@@ -143,7 +143,7 @@ def test_each_block_starts_from_its_last_node_count_and_keeps_a_settled_one_unch
 ):
     calls = []  # per block attribution: [block, then min_steps, steps, nodes used of its qig_token_scores]
     real_token_scores = block_attribution.qig_token_scores
-    real_block_scores = QIGGPTQModifier._block_scores
+    real_block_scores = QIGGPTQModifier.qig_scores
 
     def recording_token_scores(*args, min_steps, steps, **kwargs):
         scores, used = real_token_scores(*args, min_steps=min_steps, steps=steps, **kwargs)
@@ -155,7 +155,7 @@ def test_each_block_starts_from_its_last_node_count_and_keeps_a_settled_one_unch
         return real_block_scores(self, block, *args, **kwargs)
 
     monkeypatch.setattr(block_attribution, "qig_token_scores", recording_token_scores)
-    monkeypatch.setattr(QIGGPTQModifier, "_block_scores", recording_block_scores)
+    monkeypatch.setattr(QIGGPTQModifier, "qig_scores", recording_block_scores)
     quantize(tiny_llama_dir, QIGGPTQModifier(**SCHEME, qig_completeness_tol=1e-4), tmp_path / "qig")
 
     assert len(calls) == 6 * 2 * 4

@@ -31,13 +31,13 @@ def test_smoothing_scales_follow_the_token_weights(tiny_llama_dir, monkeypatch):
     qig = smoothed_norms(tiny_llama_dir, QIGSmoothQuantModifier(smoothing_strength=0.8, qig_steps=2))
 
     calls = []
-    real_token_weights = QIGSmoothQuantModifier._token_weights
+    real_token_weights = QIGSmoothQuantModifier.qig_weights
 
     def weights_of_one(self, scores, keep):
         calls.append(real_token_weights(self, scores, keep))
         return torch.ones_like(scores)
 
-    monkeypatch.setattr(QIGSmoothQuantModifier, "_token_weights", weights_of_one)
+    monkeypatch.setattr(QIGSmoothQuantModifier, "qig_weights", weights_of_one)
     ones = smoothed_norms(tiny_llama_dir, QIGSmoothQuantModifier(smoothing_strength=0.8, qig_steps=2))
 
     assert len(stock) == 4 and len(calls) == SAMPLES * 2 * 2  # samples x layers x (attention, mlp)
