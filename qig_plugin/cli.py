@@ -1,4 +1,4 @@
-"""qig: quantize a vision-language model with QIG, picture its token weights, serve the result.
+"""qig: quantize a vision-language model or a text-only LLM with QIG, picture its token weights, serve the result.
 
 Exit codes: 0 done; 1 the work failed (see the message); 2 bad usage or bad input, nothing written.
 Inputs are checked before any model is loaded or any file is written.
@@ -10,6 +10,7 @@ import argparse
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 EXIT_OK = 0
@@ -19,9 +20,11 @@ EXIT_BAD_INPUT = 2
 SCHEMES = ("W4A16", "W3A16", "W4A8", "W8A8")
 METHODS = {"qig-gptq": "qig_gptq", "gptq": "gptq"}
 DEFAULT_SAMPLES = 16
+LOAD_DTYPE_BYTES = 4  # models are loaded, calibrated and saved in float32
 
 QUANTIZE_EXAMPLES = """examples:
   qig quantize ~/.cache/qig-plugin/smolvlm-smollm2-135m-random-vision --scheme W8A8 --output out/w8a8
+  qig quantize ~/.cache/qig-plugin/smollm2-135m-instruct --scheme W8A8 --output out/text-w8a8   # a text-only LLM
   qig quantize MODEL --scheme W4A16 --method gptq --samples 32 --output out/gptq-w4a16
   qig quantize MODEL --recipe qig_gptq_w4a8 --data my_records.jsonl --output out/w4a8
   qig quantize MODEL --recipe my_recipe.yaml --output out/custom
@@ -31,7 +34,12 @@ QUANTIZE_EXAMPLES = """examples:
 model's width is a multiple of 128. --recipe takes a YAML file or a shipped recipe's name
 (qig_plugin/recipes/). --data takes a .json list or .jsonl of
 {"image": "photo.jpg" | null, "prompt": "...", "answer": "..."} records (image paths relative to
-the file), or a datasets folder (save_to_disk) of such columns or of tokenized rows.
+the file), or a datasets folder (save_to_disk) of such columns or of tokenized rows. A text-only LLM
+(a config without vision_config: Llama, Qwen2/3, Qwen3-MoE, ...) takes records without images and is
+calibrated on the shipped text records when --data is not given.
+
+Before the model is loaded, every input is checked and the --output location is proven writable, with
+room on its disk for the checkpoint (estimated from the parameter count and the scheme).
 """
 
 EXPLAIN_EXAMPLES = """examples:
@@ -53,6 +61,7 @@ Runs in the serve environment ($QIG_SERVE_PYTHON, default .venvs/serve/bin/pytho
 GENERATE_EXAMPLES = """examples:
   qig generate out/w8a8 --image photo.jpg --prompt "Describe this image." --max-tokens 32
   qig generate out/w8a8 --prompt "What is the capital of France?"
+  qig generate out/text-w8a8 --prompt "What is the capital of France?"   # a text-only checkpoint: no --image
 """
 
 
@@ -68,84 +77,174 @@ def _model_reference(reference: str, trust_remote_code: bool) -> str | Path:
 
 
 def _model_config(model: str | Path, trust_remote_code: bool) -> dict:
-    from qig_plugin.validation import read_config
+    from qig_plugin.validation import InputError, read_config
 
     if isinstance(model, Path):
         return read_config(model)
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code).to_dict()
+    try:
+        return AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code).to_dict()
+    except OSError as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise InputError(
+            f"{model} is no local folder and no hub model that can be fetched ({reason}); pass a model folder"
+        ) from error
 
 
 def _recipe_path(args: argparse.Namespace, config: dict) -> Path:
-    """``--recipe``, or the shipped recipe for ``--scheme`` and ``--method`` at the model's width."""
+    """``--recipe`` (a YAML file or a shipped recipe's name), or the shipped recipe for ``--scheme`` and
+    ``--method`` at the model's width."""
+    from qig_plugin.validation import resolve_recipe, text_hidden_size
+
     if args.recipe is not None:
-        return args.recipe
+        return resolve_recipe(args.recipe)
     from qig_plugin.recipes import shipped_recipe
-    from qig_plugin.validation import text_hidden_size
 
     suffix = "_g128" if args.scheme != "W8A8" and text_hidden_size(config) % 128 == 0 else ""
     return shipped_recipe(f"{METHODS[args.method]}_{args.scheme.lower()}{suffix}")
 
 
-def _load_model_and_processor(model: str | Path, config: dict, trust_remote_code: bool):
-    """The model in float32 and its processor; only safetensors weights are read."""
-    import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+def _load_processor(model: str | Path, config: dict, trust_remote_code: bool):
+    """The model's processor: a VLM's (image processor and tokenizer), or a text-only LLM's tokenizer."""
+    from transformers import AutoProcessor, AutoTokenizer
 
     from qig_plugin.models import load_processor
+    from qig_plugin.validation import is_vision_language
 
+    if not is_vision_language(config):
+        return AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
     if config.get("model_type") == "idefics3":  # the offline path: no torchvision needed
-        processor = load_processor(model) if isinstance(model, Path) else AutoProcessor.from_pretrained(model)
-    else:
-        processor = AutoProcessor.from_pretrained(model, trust_remote_code=trust_remote_code)
-    loaded = AutoModelForImageTextToText.from_pretrained(
+        return load_processor(model) if isinstance(model, Path) else AutoProcessor.from_pretrained(model)
+    return AutoProcessor.from_pretrained(model, trust_remote_code=trust_remote_code)
+
+
+def _load_model(model: str | Path, config: dict, trust_remote_code: bool):
+    """The model in float32, in eval mode: a VLM as ImageTextToText, a text-only LLM as CausalLM.
+
+    Only safetensors weights are read.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    from qig_plugin.validation import is_vision_language
+
+    model_class = AutoModelForImageTextToText if is_vision_language(config) else AutoModelForCausalLM
+    loaded = model_class.from_pretrained(
         model, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
     )
-    return loaded.eval(), processor
+    return loaded.eval()
+
+
+def _load_model_and_processor(model: str | Path, config: dict, trust_remote_code: bool):
+    """The model in float32 and its processor (see :func:`_load_model` and :func:`_load_processor`)."""
+    return _load_model(model, config, trust_remote_code), _load_processor(model, config, trust_remote_code)
 
 
 def _folder_bytes(folder: Path) -> int:
     return sum(path.stat().st_size for path in folder.glob("*.safetensors"))
 
 
-def quantize_command(args: argparse.Namespace) -> int:
-    """Check every input, calibrate, write the checkpoint, print a summary."""
+@dataclass
+class QuantizeInputs:
+    """Everything ``qig quantize`` checked before loading the model."""
+
+    model: str | Path  # a checked local folder or a hub id
+    config: dict  # its config.json
+    recipe: Path
+    scheme: str  # e.g. "W8A8"
+    calibration: object  # list[CalibrationRecord] to tokenize, or a tokenized datasets.Dataset (both unsliced)
+    data_name: str  # where the calibration data comes from, for messages
+
+
+def check_quantize_inputs(args: argparse.Namespace) -> QuantizeInputs:
+    """The validation pass of ``qig quantize``: every input, before any model is loaded or any file written.
+
+    The model folder, the recipe (parsed), the scheme's servability, the output location (writable, not the
+    model folder, room on its disk for a local model's checkpoint) and the calibration data (images decoded,
+    fitting the model: no images for a text-only LLM). A hub model's checkpoint size is checked once it is
+    loaded, by ``quantize_to_checkpoint`` before calibration.
+    """
     from qig_plugin.serving import cpu_serving_support
     from qig_plugin.validation import (
-        check_output_folder,
+        InputError,
+        check_checkpoint_output,
+        check_free_space,
+        check_records_fit_model,
         check_servable,
-        check_tokenized_dataset,
+        check_tokenized_fits_model,
+        checkpoint_size,
+        is_vision_language,
         load_calibration_source,
         load_recipe_modifiers,
+        recipe_quantized_weights,
         recipe_scheme,
+        safetensors_shapes,
     )
 
     model = _model_reference(args.model, args.trust_remote_code)
     config = _model_config(model, args.trust_remote_code)
+    vision_language = is_vision_language(config)
     recipe = _recipe_path(args, config)
-    scheme = recipe_scheme(load_recipe_modifiers(recipe))
+    modifiers = load_recipe_modifiers(recipe)
+    scheme = recipe_scheme(modifiers)
     if not args.allow_unservable:
         check_servable(scheme, cpu_serving_support())
-    check_output_folder(args.output, overwrite=args.overwrite)
-    source = load_calibration_source(args.data) if args.data is not None else None
+    if isinstance(model, Path) and args.output.resolve() == model.resolve():
+        raise InputError(f"--output {args.output} is the model folder; choose another folder for the checkpoint")
+    check_checkpoint_output(args.output, overwrite=args.overwrite)
+    if isinstance(model, Path):
+        weights = recipe_quantized_weights(modifiers)
+        check_free_space(args.output, checkpoint_size(safetensors_shapes(model), weights, LOAD_DTYPE_BYTES), scheme)
+
+    data_name = str(args.data) if args.data is not None else "the shipped set"
+    if args.data is not None:
+        calibration = load_calibration_source(args.data)
+    else:
+        from qig_plugin.data import shipped_records, shipped_text_records
+
+        calibration = (shipped_records if vision_language else shipped_text_records)("calibration")
+    if isinstance(calibration, list):
+        check_records_fit_model(calibration, data_name, vision_language=vision_language)
+    else:
+        check_tokenized_fits_model(calibration, data_name, vision_language=vision_language)
+    return QuantizeInputs(model, config, recipe, scheme, calibration, data_name)
+
+
+def _calibration_dataset(inputs: QuantizeInputs, processor, args: argparse.Namespace):
+    """The first ``--samples`` calibration samples, tokenized (records up to ``--max-length`` tokens) and checked."""
+    from qig_plugin.data import build_calibration_dataset
+    from qig_plugin.validation import InputError, check_tokenized_dataset
+
+    source = inputs.calibration
+    if isinstance(source, list):
+        print(f"[qig] calibration: {min(args.samples, len(source))} of {len(source)} records from {inputs.data_name}",
+              flush=True)
+        try:
+            dataset = build_calibration_dataset(source[: args.samples], processor, max_length=args.max_length)
+        except ValueError as error:
+            raise InputError(f"calibration set {inputs.data_name}: {error}") from error
+    else:
+        dataset = source.select(range(min(args.samples, len(source))))
+    check_tokenized_dataset(dataset, inputs.data_name)
+    return dataset
+
+
+def quantize_command(args: argparse.Namespace) -> int:
+    """Check every input, load the tokenizer or processor and tokenize, load the model, calibrate, write the
+    checkpoint, print a summary."""
+    inputs = check_quantize_inputs(args)
 
     from transformers import set_seed
 
-    from qig_plugin.data import build_calibration_dataset, shipped_records
     from qig_plugin.quantize import quantize_to_checkpoint
 
+    model, recipe, scheme = inputs.model, inputs.recipe, inputs.scheme
     print(f"[qig] model {model}\n[qig] recipe {recipe} ({scheme})", flush=True)
     start = time.perf_counter()
-    loaded, processor = _load_model_and_processor(model, config, args.trust_remote_code)
-    if source is None or isinstance(source, list):
-        records = source if source is not None else shipped_records("calibration")
-        print(f"[qig] calibration: {min(args.samples, len(records))} of {len(records)} records "
-              f"from {args.data or 'the shipped set'}", flush=True)
-        dataset = build_calibration_dataset(records[: args.samples], processor, max_length=args.max_length)
-    else:
-        dataset = source.select(range(min(args.samples, len(source))))
-    check_tokenized_dataset(dataset, str(args.data or "the shipped set"))
+    processor = _load_processor(model, inputs.config, args.trust_remote_code)
+    dataset = _calibration_dataset(inputs, processor, args)
+    loaded = _load_model(model, inputs.config, args.trust_remote_code)
 
     set_seed(args.seed)
     report = quantize_to_checkpoint(loaded, processor, recipe, dataset, args.output, overwrite=args.overwrite)
@@ -205,14 +304,6 @@ def explain_command(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _checkpoint_folder(path: Path) -> Path:
-    from qig_plugin.validation import InputError
-
-    if not (path / "config.json").is_file():
-        raise InputError(f"{path} is not a checkpoint folder (no config.json); pass the --output of `qig quantize`")
-    return path
-
-
 def serve_command(args: argparse.Namespace) -> int:
     """vLLM's OpenAI-compatible server in the serve environment, in the foreground; its exit code is returned.
 
@@ -222,8 +313,10 @@ def serve_command(args: argparse.Namespace) -> int:
     import subprocess
 
     from qig_plugin.serve_env import serve_python
+    from qig_plugin.validation import check_checkpoint_folder
 
-    checkpoint = _checkpoint_folder(args.checkpoint)
+    checkpoint = args.checkpoint
+    check_checkpoint_folder(checkpoint)
     command = [str(serve_python()), "-m", "vllm.entrypoints.openai.api_server", "--model", str(checkpoint),
                "--host", args.host, "--port", str(args.port), *args.vllm_args]
     print(f"[qig] serving {checkpoint} at http://{args.host}:{args.port}/v1 (Ctrl-C stops)", flush=True)
@@ -231,14 +324,17 @@ def serve_command(args: argparse.Namespace) -> int:
 
 
 def generate_command(args: argparse.Namespace) -> int:
-    """Offline greedy generation with vLLM in the serve environment."""
+    """Offline greedy generation with vLLM in the serve environment (with ``--image`` only for a VLM checkpoint)."""
     from qig_plugin.serve_env import run_in_serve_env
-    from qig_plugin.validation import load_image
+    from qig_plugin.validation import InputError, check_checkpoint_folder, is_vision_language, load_image
 
-    checkpoint = _checkpoint_folder(args.checkpoint)
+    checkpoint = args.checkpoint
+    config = check_checkpoint_folder(checkpoint)
     command = ["generate", str(checkpoint), "--prompt", args.prompt, "--max-tokens", str(args.max_tokens)]
-    if args.image is not None:
-        load_image(args.image, "--image")  # fail here, not after vLLM has loaded
+    if args.image is not None:  # fail here, not after vLLM has loaded
+        if not is_vision_language(config):
+            raise InputError(f"--image: {checkpoint} is a text-only model, which takes no image; leave out --image")
+        load_image(args.image, "--image")
         command += ["--image", str(args.image)]
     completed = run_in_serve_env(command)
     sys.stdout.write(completed.stdout)
@@ -251,7 +347,7 @@ def generate_command(args: argparse.Namespace) -> int:
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="local model folder (safetensors + processor files) or a hub id")
     recipe = parser.add_mutually_exclusive_group()
-    recipe.add_argument("--recipe", type=Path, help="recipe YAML (nested *_stage/*_modifiers form)")
+    recipe.add_argument("--recipe", type=Path, help="recipe YAML (nested *_stage/*_modifiers form) or a shipped recipe's name")
     recipe.add_argument("--scheme", choices=SCHEMES, type=str.upper, help="use the shipped recipe of this scheme")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
@@ -320,9 +416,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(exit_.code or 0)
 
     from qig_plugin.serve_env import ServeEnvMissingError
-    from qig_plugin.validation import InputError
+    from qig_plugin.validation import InputError, check_arguments
 
     try:
+        check_arguments(args)
         return args.run(args)
     except (InputError, FloatingPointError) as error:
         print(f"qig {args.command}: error: {error}", file=sys.stderr)

@@ -1,9 +1,10 @@
-"""One call from a loaded VLM and a recipe to a complete compressed-tensors checkpoint.
+"""One call from a loaded model (VLM or text-only LLM) and a recipe to a complete compressed-tensors checkpoint.
 
-``quantize_to_checkpoint`` runs llm-compressor's real ``oneshot`` with the sequential
-pipeline over the text decoder layers (stopping at the first NaN/Inf activation), then
-saves the compressed model and its processor to a temporary sibling of the output folder
-and renames it: the output folder appears only when the checkpoint is complete.
+``quantize_to_checkpoint`` first proves the output folder writable and its disk roomy enough for
+the checkpoint, then runs llm-compressor's real ``oneshot`` with the sequential pipeline over the
+text decoder layers (stopping at the first NaN/Inf activation), then saves the compressed model
+and its processor to a temporary sibling of the output folder and renames it: the output folder
+appears only when the checkpoint is complete.
 """
 
 import shutil
@@ -16,11 +17,19 @@ import torch
 from datasets import Dataset
 from llmcompressor import oneshot
 from llmcompressor.modifiers import Modifier
+from llmcompressor.recipe import Recipe
 
 import qig_plugin  # noqa: F401  (registers the QIG modifiers before the recipe is parsed)
 from qig_plugin.data import batch_one_collator
 from qig_plugin.modifiers.language_model import decoder_layers
-from qig_plugin.validation import finite_activations
+from qig_plugin.validation import (
+    CheckpointSize,
+    check_checkpoint_output,
+    check_free_space,
+    checkpoint_size,
+    finite_activations,
+    recipe_quantized_weights,
+)
 
 @dataclass
 class QuantizeReport:
@@ -35,6 +44,17 @@ class QuantizeReport:
 def decoder_layer_class(model: torch.nn.Module) -> str:
     """Class name of the language model's decoder layers (the sequential targets)."""
     return type(decoder_layers(model)[1][0]).__name__
+
+
+def model_checkpoint_size(model: torch.nn.Module, modifiers: list[Modifier]) -> CheckpointSize:
+    """The expected size of ``model``'s compressed checkpoint under ``modifiers`` (see ``checkpoint_size``).
+
+    Read from the parameters' shapes (tied parameters once) and their widest dtype, without touching their data.
+    """
+    parameters = dict(model.named_parameters())
+    value_bytes = max(parameter.element_size() for parameter in parameters.values())
+    shapes = {name: tuple(parameter.shape) for name, parameter in parameters.items()}
+    return checkpoint_size(shapes, recipe_quantized_weights(modifiers), value_bytes)
 
 
 def _folder_size(folder: Path) -> int:
@@ -81,7 +101,7 @@ def calibrate(
 def quantize_to_checkpoint(
     model: torch.nn.Module,
     processor,
-    recipe: str | Path,
+    recipe: str | Path | list[Modifier],
     dataset: Dataset,
     output_dir: str | Path,
     *,
@@ -90,12 +110,20 @@ def quantize_to_checkpoint(
 ) -> QuantizeReport:
     """Calibrate ``model`` with ``recipe`` on ``dataset`` (see :func:`calibrate`) and write a compressed checkpoint.
 
+    Before calibrating, the output location is checked as ``qig quantize`` checks it: ``output_dir`` is not
+    a file (nor an existing folder, unless ``overwrite``), its parent can be created and written (a probe
+    file, removed again), and its disk has room for the checkpoint's expected size.
+
     :param output_dir: the checkpoint folder to create
     :param overwrite: replace an existing ``output_dir``
+    :raises InputError: (``qig_plugin.validation``) the output location fails a check; nothing was written
     """
     output_dir = Path(output_dir)
-    if output_dir.exists() and not overwrite:
-        raise FileExistsError(f"{output_dir} already exists; choose another folder or pass overwrite")
+    check_checkpoint_output(output_dir, overwrite=overwrite, option="output_dir")
+    modifiers = recipe if isinstance(recipe, list) else Recipe.create_instance(str(recipe)).modifiers
+    weights = recipe_quantized_weights(modifiers)
+    quantized = f"{weights.num_bits}-bit weights" if weights is not None else "unquantized weights"
+    check_free_space(output_dir, model_checkpoint_size(model, modifiers), quantized, option="output_dir")
     calibration_s = calibrate(model, processor, recipe, dataset, sequential_targets=sequential_targets)
 
     start = time.perf_counter()

@@ -2,29 +2,51 @@
 
 Each check raises :class:`InputError` with a message that names the problem and the fix;
 the command line turns it into exit code 2 with nothing written. The checks are cheap
-(file names, JSON, YAML, image headers and pixels) so that a bad input fails in seconds,
-before a model is loaded or calibrated.
+(numbers, file names, JSON, YAML, safetensors headers, image headers and pixels, one probe
+file) so that a bad input fails in seconds, before a model is loaded or calibrated.
+
+Importing this module loads neither torch nor llm-compressor (the checks that need them import
+them), so the argument checks of a mistyped command line stay as fast as ``qig --help``.
 """
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import json
+import math
+import os
 import re
-from collections.abc import Iterator
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from PIL import Image
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
 
-from qig_plugin.data.calibration import CalibrationRecord
+    from qig_plugin.data.calibration import CalibrationRecord
 
 RECORD_KEYS = ("image", "prompt", "answer")
 PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+MIN_MAX_LENGTH = 16  # tokens: below this a chat template's own framing leaves no room for the sample
+
+# option -> (its name on the parsed arguments, smallest value, largest value or None, what the value is)
+ARGUMENT_RANGES = {
+    "--samples": ("samples", 1, None, "the number of calibration samples"),
+    "--max-length": ("max_length", MIN_MAX_LENGTH, None, "the tokens kept per calibration sample"),
+    "--seed": ("seed", 0, 2**32 - 1, "the seed of the sample order"),
+    "--port": ("port", 1, 65535, "the TCP port to listen on"),
+    "--max-tokens": ("max_tokens", 1, None, "the number of tokens to generate"),
+}
 
 
 class InputError(ValueError):
@@ -33,6 +55,26 @@ class InputError(ValueError):
 
 class NonFiniteActivationError(InputError, FloatingPointError):
     """NaN or Inf in the activations of a decoder layer during calibration."""
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """The numbers and texts of any ``qig`` command line, each within its range (see :data:`ARGUMENT_RANGES`).
+
+    Runs first, before the command: a count out of range, a negative ``--layers`` index or an empty
+    ``--prompt`` is bad usage, told in one line that says what to pass.
+    """
+    for option, (name, smallest, largest, meaning) in ARGUMENT_RANGES.items():
+        value = getattr(args, name, None)
+        if value is None or (smallest <= value and (largest is None or value <= largest)):
+            continue
+        allowed = f"from {smallest} to {largest}" if largest is not None else f"of at least {smallest}"
+        raise InputError(f"{option} {value} is out of range: pass {option} with a value {allowed} ({meaning})")
+    negative = [layer for layer in getattr(args, "layers", None) or [] if layer < 0]
+    if negative:
+        raise InputError(f"--layers {' '.join(map(str, negative))}: pass decoder layer indices from 0 up")
+    prompt = getattr(args, "prompt", None)
+    if prompt is not None and not prompt.strip():
+        raise InputError("--prompt is empty: pass the text of the user's turn, e.g. --prompt \"Describe this image.\"")
 
 
 def is_hub_id(reference: str) -> bool:
@@ -95,10 +137,235 @@ def text_hidden_size(config: dict) -> int:
     return hidden_size
 
 
-def check_output_folder(output_dir: Path, *, overwrite: bool) -> None:
-    """Refuse an existing output folder unless ``overwrite``."""
-    if output_dir.exists() and not overwrite:
-        raise InputError(f"{output_dir} already exists; choose another --output or pass --overwrite to replace it")
+def is_vision_language(config: dict) -> bool:
+    """Whether a ``config.json`` describes a vision-language model (it has a ``vision_config``)."""
+    return "vision_config" in config
+
+
+def check_output_folder(output: Path, *, overwrite: bool, option: str = "--output") -> None:
+    """Refuse an existing ``output`` (folder or file) unless ``overwrite``, then prove its folder writable.
+
+    The proof (:func:`check_writable_parent`) leaves nothing behind. ``option`` names the output in messages.
+    """
+    if output.exists() and not overwrite:
+        overwrite_option = "--overwrite" if option.startswith("--") else "overwrite=True"
+        raise InputError(f"{output} already exists; choose another {option} or pass {overwrite_option} to replace it")
+    check_writable_parent(output, option)
+
+
+def check_checkpoint_output(output: Path, *, overwrite: bool, option: str = "--output") -> None:
+    """:func:`check_output_folder` for a checkpoint folder, which also must not be an existing file."""
+    if output.is_file():
+        raise InputError(f"{option} {output} is a file; a checkpoint is a folder: choose a folder path for {option}")
+    check_output_folder(output, overwrite=overwrite, option=option)
+
+
+def check_writable_parent(output: Path, option: str = "--output") -> None:
+    """Create the folder ``output`` goes in, write and remove a probe file there, then remove what was created.
+
+    Proves before any work that the output can be written (a missing parent can be created, the disk and its
+    permissions take a file) while writing nothing: folders this check creates are removed again, also
+    when it fails.
+    """
+    folder = output.absolute().parent
+    missing = [path for path in (folder, *folder.parents) if not path.exists()]
+    created: list[Path] = []
+    try:
+        for path in reversed(missing):  # outermost first
+            try:
+                path.mkdir()
+            except OSError as error:
+                raise InputError(
+                    f"{option} {output} cannot be written: creating the folder {path} failed "
+                    f"({error.strerror or error}); choose an {option} in a folder you can write to"
+                ) from error
+            created.append(path)
+        try:
+            descriptor, probe = tempfile.mkstemp(prefix=".qig-write-probe-", dir=folder)
+            try:
+                os.write(descriptor, b"qig")
+            finally:
+                os.close(descriptor)
+                os.unlink(probe)
+        except OSError as error:
+            raise InputError(
+                f"{option} {output} cannot be written: writing a file in {folder} failed "
+                f"({error.strerror or error}); choose an {option} in a folder you can write to"
+            ) from error
+    finally:
+        for path in reversed(created):  # innermost first
+            path.rmdir()
+
+
+def _nearest_existing(path: Path) -> Path:
+    """``path`` itself or its nearest ancestor that exists."""
+    return next(candidate for candidate in (path, *path.parents) if candidate.exists())
+
+
+def _human_bytes(size: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000:
+            return f"{size:.0f} {unit}" if unit in ("B", "KB") else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} TB"
+
+
+def _human_count(count: int) -> str:
+    if count >= 10**9:
+        return f"{count / 1e9:.1f}B"
+    return f"{count / 1e6:.0f}M" if count >= 10**6 else f"{count:,}"
+
+
+@dataclass(frozen=True)
+class QuantizedWeights:
+    """How a recipe stores the weights it quantizes (the most bits and most scales of its config groups).
+
+    ``group_size`` None means one scale per output channel (or per tensor); ``targets`` and ``ignore`` are
+    compressed-tensors module patterns (class names such as ``Linear``, exact module names, ``re:`` regexes).
+    """
+
+    num_bits: int
+    group_size: int | None
+    symmetric: bool
+    targets: tuple[str, ...]
+    ignore: tuple[str, ...]
+
+
+def recipe_quantized_weights(modifiers: list) -> QuantizedWeights | None:
+    """The weight format of a recipe's quantizing modifiers for the size estimate; None when nothing is quantized.
+
+    Several config groups are merged into an upper bound: the most bits, the smallest group, zero points if any
+    group is asymmetric, every group's targets and every modifier's ignore patterns.
+    """
+    groups, ignore = [], []
+    for modifier in modifiers:
+        if not hasattr(modifier, "resolve_quantization_config"):
+            continue
+        config = modifier.resolve_quantization_config()
+        ignore += config.ignore or []
+        groups += [scheme for scheme in config.config_groups.values() if scheme.weights is not None]
+    if not groups:
+        return None
+    group_sizes = [scheme.weights.group_size for scheme in groups if scheme.weights.group_size]
+    return QuantizedWeights(
+        num_bits=max(scheme.weights.num_bits for scheme in groups),
+        group_size=min(group_sizes) if group_sizes else None,
+        symmetric=all(scheme.weights.symmetric for scheme in groups),
+        targets=tuple(dict.fromkeys(target for scheme in groups for target in scheme.targets)),
+        ignore=tuple(dict.fromkeys(ignore)),
+    )
+
+
+def _matches(module_name: str, patterns: Sequence[str]) -> bool:
+    """Whether a module name matches a compressed-tensors pattern: ``re:<regex>`` (from the start) or the name."""
+    return any(
+        re.match(pattern[3:], module_name) if pattern.startswith("re:") else pattern == module_name
+        for pattern in patterns
+    )
+
+
+def safetensors_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor in a folder's ``*.safetensors`` files, read from their JSON headers alone.
+
+    A safetensors file starts with the header's length (8 bytes, little-endian) and the header, a JSON object
+    ``{name: {"dtype", "shape", "data_offsets"}, "__metadata__": {...}}``; no tensor data is read.
+    """
+    shapes = {}
+    for path in sorted(model_dir.glob("*.safetensors")):
+        try:
+            with path.open("rb") as file:
+                (header_length,) = struct.unpack("<Q", file.read(8))
+                header = json.loads(file.read(header_length))
+            shapes.update({name: tuple(entry["shape"]) for name, entry in header.items() if name != "__metadata__"})
+        except (OSError, struct.error, ValueError, KeyError, TypeError) as error:
+            raise InputError(
+                f"{path} is not a readable safetensors file ({error}); re-save the model with save_pretrained"
+            ) from error
+    return shapes
+
+
+@dataclass(frozen=True)
+class CheckpointSize:
+    """The expected size of a compressed checkpoint: the model's parameter count and an upper bound in bytes."""
+
+    parameters: int
+    bytes: int
+
+
+# config, tokenizer and processor files beside the weights, and safetensors headers (a tokenizer.json is ~2-20 MB)
+CHECKPOINT_FILES_ALLOWANCE = 64 * 2**20
+SCALE_BYTES = 4  # scales and zero points, counted as float32 / int32 (the widest compressed-tensors writes)
+
+
+def checkpoint_size(
+    shapes: Mapping[str, Sequence[int]], weights: QuantizedWeights | None, value_bytes: int
+) -> CheckpointSize:
+    """An upper bound of the bytes ``save_pretrained(save_compressed=True)`` writes for tensors of ``shapes``.
+
+    A tensor counts as a quantized linear weight when it is a 2-D ``*.weight`` [out, in], not an embedding
+    (no ``embed``/``wte``/``wpe`` in its name), its module is targeted (``Linear`` targets every such tensor,
+    other targets match by name) and not ignored. Such a weight takes ``num_bits`` bits per value, packed into
+    int32 words (``32 // num_bits`` values per word: 1 byte per value for 8 bits, 0.5 for 4, 0.4 for 3),
+    plus one ``SCALE_BYTES`` scale per output channel or per group (and as many zero points when asymmetric).
+    Every other tensor (embeddings, ``lm_head``, norms, ignored or untargeted modules) stays at ``value_bytes``
+    per value, the dtype the model is saved in. ``CHECKPOINT_FILES_ALLOWANCE`` covers the other files.
+    """
+    parameters, total = 0, CHECKPOINT_FILES_ALLOWANCE
+    for name, shape in shapes.items():
+        values = math.prod(shape)
+        parameters += values
+        module_name = name.removesuffix(".weight")
+        quantized = (
+            weights is not None
+            and name.endswith(".weight")
+            and len(shape) == 2
+            and not any(part in name for part in ("embed", "wte", "wpe"))
+            and ("Linear" in weights.targets or _matches(module_name, weights.targets))
+            and not _matches(module_name, weights.ignore)
+        )
+        if not quantized:
+            total += values * value_bytes
+            continue
+        rows, columns = shape
+        total += math.ceil(values / (32 // weights.num_bits)) * 4
+        scales = rows * (math.ceil(columns / weights.group_size) if weights.group_size else 1)
+        total += scales * SCALE_BYTES * (1 if weights.symmetric else 2)
+    return CheckpointSize(parameters, total)
+
+
+def check_free_space(output: Path, size: CheckpointSize, scheme: str, option: str = "--output") -> None:
+    """Refuse an ``output`` whose disk has less free space than the checkpoint's expected ``size``.
+
+    The free space is that of the nearest existing ancestor of ``output`` (``shutil.disk_usage``).
+    """
+    where = _nearest_existing(output.absolute())
+    free = shutil.disk_usage(where).free
+    if free < size.bytes:
+        raise InputError(
+            f"{option} {output}: the checkpoint needs up to {_human_bytes(size.bytes)} "
+            f"({_human_count(size.parameters)} parameters at {scheme}) but {where} has only {_human_bytes(free)} "
+            f"free; free some space there or choose an {option} on a disk with room"
+        )
+
+
+def resolve_recipe(recipe: Path) -> Path:
+    """A ``--recipe``: a YAML file, or the name of a shipped recipe (``qig_gptq_w8a8``, with or without .yaml)."""
+    from qig_plugin.recipes import shipped_recipe, shipped_recipes
+
+    if recipe.is_file():
+        return recipe
+    if recipe.parent == Path("."):
+        try:
+            return shipped_recipe(recipe.name)
+        except FileNotFoundError:
+            pass
+    names = [path.stem for path in shipped_recipes()]
+    near = difflib.get_close_matches(recipe.stem, names, n=1)
+    if near:
+        raise InputError(f"recipe {recipe} does not exist; did you mean the shipped recipe '{near[0]}'?")
+    raise InputError(
+        f"recipe {recipe} does not exist; pass a recipe YAML or a shipped recipe's name ({', '.join(names)})"
+    )
 
 
 def load_recipe_modifiers(recipe: Path) -> list:
@@ -119,7 +386,7 @@ def load_recipe_modifiers(recipe: Path) -> list:
     except pydantic.ValidationError as error:
         raise InputError(f"recipe {recipe}: {_describe_validation_error(error)}") from error
     except (ValueError, KeyError) as error:
-        raise InputError(f"recipe {recipe}: {error}") from error
+        raise InputError(f"recipe {recipe}: {_with_modifier_hint(str(error))}") from error
     if not modifiers:
         raise InputError(
             f"recipe {recipe} parses to no modifiers: llm-compressor reads only the nested form "
@@ -127,6 +394,22 @@ def load_recipe_modifiers(recipe: Path) -> list:
             "recipe; nest the modifiers as in qig_plugin/recipes/qig_gptq_w8a8.yaml"
         )
     return modifiers
+
+
+def _with_modifier_hint(message: str) -> str:
+    """llm-compressor's "No modifier of type 'X' found." with the closest known modifier name, or the fix."""
+    from qig_plugin.upstream import close_modifier_name
+
+    unknown = re.search(r"No modifier of type '([^']+)' found", message)
+    if unknown is None:
+        return message
+    near = close_modifier_name(unknown.group(1))
+    if near is not None:
+        return f"no modifier is named '{unknown.group(1)}'; did you mean '{near}'?"
+    return (
+        f"no modifier is named '{unknown.group(1)}'; name one of llm-compressor's modifiers (GPTQModifier, "
+        "QuantizationModifier, AWQModifier, ...) or of qig-plugin's (QIGGPTQModifier, QIGAWQModifier, ...)"
+    )
 
 
 def _describe_validation_error(error) -> str:
@@ -188,6 +471,8 @@ def check_servable(scheme: str, support: dict[str, str | None]) -> None:
 
 def load_image(path: Path, where: str) -> Image.Image:
     """Open and fully decode an image file as RGB; ``where`` names the record or option in errors."""
+    from PIL import Image
+
     if not path.is_file():
         raise InputError(f"{where}: image {path} does not exist; fix the path")
     try:
@@ -200,6 +485,10 @@ def load_image(path: Path, where: str) -> Image.Image:
 
 
 def _record(raw: object, where: str, image_root: Path) -> CalibrationRecord:
+    from PIL import Image
+
+    from qig_plugin.data.calibration import CalibrationRecord
+
     if not isinstance(raw, dict):
         raise InputError(f"{where} is a {type(raw).__name__}, expected an object with keys {', '.join(RECORD_KEYS)}")
     unknown = sorted(set(raw) - set(RECORD_KEYS))
@@ -244,6 +533,11 @@ def load_calibration_source(path: Path):
 
     Every image is decoded here, so an unreadable one fails before the model is loaded.
     """
+    if not path.exists():
+        raise InputError(
+            f"calibration data {path} does not exist; pass a .json/.jsonl file of records or a datasets folder, "
+            "or leave out --data to use the shipped set"
+        )
     if path.is_dir():
         from datasets import load_from_disk
 
@@ -270,12 +564,52 @@ def load_calibration_source(path: Path):
     return [_record(raw, f"record {index} of {path}", path.parent) for index, raw in enumerate(raw_records)]
 
 
+def check_records_fit_model(records: list[CalibrationRecord], source: str, *, vision_language: bool) -> None:
+    """Calibration records a model can take: no image for a text-only model; all or none with one for a VLM.
+
+    (Every dataset row must have the same columns: the sequential pipeline traces the model with the first.)
+    """
+    with_image = [index for index, record in enumerate(records) if record.image is not None]
+    if with_image and not vision_language:
+        raise InputError(
+            f"record {with_image[0]} of {source} has an image, but the model is a text-only LLM; "
+            'give text records ("image": null) or quantize a vision-language model'
+        )
+    if 0 < len(with_image) < len(records):
+        without = next(index for index in range(len(records)) if index not in set(with_image))
+        raise InputError(
+            f"record {without} of {source} has no image but record {with_image[0]} has one; "
+            "give every record an image, or none"
+        )
+
+
+def check_tokenized_fits_model(dataset, source: str, *, vision_language: bool) -> None:
+    """A tokenized calibration set for a text-only model holds no image columns."""
+    image_columns = [name for name in dataset.column_names if name.startswith(("pixel_", "image_"))]
+    if image_columns and not vision_language:
+        raise InputError(
+            f"calibration set {source} has image columns ({', '.join(image_columns)}), but the model is a "
+            "text-only LLM; give a set tokenized without images"
+        )
+
+
+def check_checkpoint_folder(path: Path) -> dict:
+    """A checkpoint folder to serve: its ``config.json`` (returned as a dict) and safetensors weights are there."""
+    if not (path / "config.json").is_file():
+        raise InputError(f"{path} is not a checkpoint folder (no config.json); pass the --output of `qig quantize`")
+    if not any(path.glob("*.safetensors")):
+        raise InputError(f"{path} has no safetensors weights; pass the --output of a finished `qig quantize`")
+    return read_config(path)
+
+
 def check_tokenized_dataset(dataset, source: str) -> None:
     """Every row has masks as long as its ``input_ids`` and at least one real token.
 
     A real token has ``attention_mask`` 1 and (where present) ``loss_mask`` non-zero; a row without one
     contributes nothing but padding to calibration.
     """
+    import torch
+
     if len(dataset) == 0:
         raise InputError(f"calibration set {source} is empty; give at least one sample")
     empty_rows = []
@@ -308,6 +642,7 @@ def finite_activations(layers: torch.nn.ModuleList, layers_name: str) -> Iterato
     Hooks every layer of ``layers`` (``[batch, seq, hidden]`` in and out); the check is one ``isfinite``
     per layer call. The hooks are removed on exit.
     """
+    import torch
 
     def check(index: int, where: str, value) -> None:
         tensor = value[0] if isinstance(value, tuple) else value

@@ -1,62 +1,114 @@
-"""Bad input: each case exits 2 (or raises, through the Python API) with a message naming the problem
-and the fix, and writes nothing: no output folder, no partial sibling, the inputs unchanged.
+"""Bad input: each case exits 2 (or raises, through the Python API) with a one-line message naming the
+problem and the fix, and writes nothing: no output folder, no parent folder, no partial sibling, no probe
+file, the inputs unchanged.
 
-Checks that come before the model is loaded run against a folder that only has the right file names;
-``_load_model_and_processor`` is replaced by a function that fails the test, which proves the check
-ran before any model work. (A recipe naming a QIG modifier without ``import qig_plugin`` is covered
-by ``tests/modifiers/test_qig_gptq.py::test_recipe_without_plugin_import_says_import_qig_plugin``.)
+Checks that come before the model is loaded run against a folder that only has the right file names (and a
+safetensors header); loading the model, or even its processor, is replaced by a function that fails the
+test, which proves the check ran before any model work. Checks that need the model (a hub model's checkpoint
+size, in ``quantize_to_checkpoint``) are shown to run before calibration starts: ``oneshot`` fails the test.
+(A recipe naming a QIG modifier without ``import qig_plugin`` is covered by
+``tests/modifiers/test_qig_gptq.py::test_recipe_without_plugin_import_says_import_qig_plugin``.)
 """
 
 import errno
 import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from datasets import Dataset
+from PIL import Image
+from safetensors.numpy import save_file
 
 from qig_plugin import cli, quantize
 from qig_plugin.cli import main
 from qig_plugin.quantize import quantize_to_checkpoint
 from qig_plugin.recipes import shipped_recipe
-from qig_plugin.validation import NonFiniteActivationError
+from qig_plugin.validation import InputError, NonFiniteActivationError
 from tests.modifiers.tiny_llama import load_tiny_llama, random_token_dataset, tiny_tokenizer
+from tests.tiny_vlm_folder import build_tiny_vlm_folder
 
 W8A8_RECIPE = shipped_recipe("gptq_w8a8")
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def snapshot(root: Path) -> dict[str, bytes]:
-    """Every file under ``root`` with its content."""
-    return {str(path.relative_to(root)): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}
+def snapshot(root: Path) -> dict[str, bytes | None]:
+    """Every file under ``root`` with its content, and every folder (as None)."""
+    return {
+        str(path.relative_to(root)): path.read_bytes() if path.is_file() else None for path in sorted(root.rglob("*"))
+    }
+
+
+def must_not_run(what: str):
+    def fail(*_args, **_kwargs):
+        raise AssertionError(f"{what} before the bad input was found")
+
+    return fail
 
 
 @pytest.fixture
-def workspace(tmp_path, monkeypatch):
-    """A folder with a model folder of the right file names; model loading fails the test."""
+def no_model_loading(monkeypatch):
+    """Loading a model or a processor fails the test."""
+    monkeypatch.setattr(cli, "_load_model_and_processor", must_not_run("the model was loaded"))
+    monkeypatch.setattr(cli, "_load_model", must_not_run("the model was loaded"))
+    monkeypatch.setattr(cli, "_load_processor", must_not_run("the processor was loaded"))
 
-    def must_not_load(*_args, **_kwargs):
-        raise AssertionError("the model was loaded before the bad input was found")
 
-    monkeypatch.setattr(cli, "_load_model_and_processor", must_not_load)
+def write_weights_header(model_dir: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+    """A ``model.safetensors`` with zero tensors of ``shapes`` (float32): a real header for the size estimate."""
+    save_file({name: np.zeros(shape, dtype=np.float32) for name, shape in shapes.items()}, model_dir / "model.safetensors")
+
+
+TINY_WEIGHTS = {"model.embed_tokens.weight": (64, 128), "model.layers.0.mlp.down_proj.weight": (128, 256)}
+
+
+@pytest.fixture
+def workspace(tmp_path, no_model_loading):
+    """A folder with a VLM folder of the right file names (``model``); model loading fails the test."""
     model_dir = tmp_path / "model"
     model_dir.mkdir()
     config = {"model_type": "idefics3", "text_config": {"hidden_size": 576}, "vision_config": {}}
     (model_dir / "config.json").write_text(json.dumps(config))
-    for name in ("model.safetensors", "tokenizer.json", "preprocessor_config.json"):
+    for name in ("tokenizer.json", "preprocessor_config.json"):
         (model_dir / name).write_text("")
+    write_weights_header(model_dir, TINY_WEIGHTS)
     return tmp_path
 
 
+@pytest.fixture
+def text_workspace(workspace):
+    """``workspace`` whose model is a text-only Llama (no vision_config, no image processor)."""
+    model_dir = workspace / "model"
+    (model_dir / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 128}))
+    (model_dir / "preprocessor_config.json").unlink()
+    return workspace
+
+
 def run_and_check_nothing_written(root: Path, argv: list[str], capsys) -> str:
-    """Run ``qig argv``; assert exit 2, no new or changed file under ``root``; return stderr."""
+    """Run ``qig argv``; assert exit 2, no new or changed file or folder under ``root``, and a one-line error
+    without a traceback; return stderr."""
     before = snapshot(root)
+    capsys.readouterr()  # drop what the test's own setup printed
     assert main(argv) == 2
     assert snapshot(root) == before
-    return capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err
 
 
 def quantize_args(root: Path, *extra: str) -> list[str]:
     return ["quantize", str(root / "model"), "--output", str(root / "out"), *extra]
+
+
+def write_records(path: Path, records: list[dict]) -> Path:
+    path.write_text(json.dumps(records))
+    return path
 
 
 def test_missing_model_folder(workspace, capsys):
@@ -169,6 +221,200 @@ def test_explain_refuses_an_undecodable_image(workspace, capsys):
 def test_usage_error_exits_2(capsys):
     assert main(["quantize"]) == 2
     assert "the following arguments are required" in capsys.readouterr().err
+
+
+# -- the output location: writable, with room, before the model is loaded -------------------------------------------
+
+
+def test_output_location_that_cannot_be_created(workspace, capsys):
+    argv = ["quantize", str(workspace / "model"), "--scheme", "W8A8", "--output", "/proc/forbidden/out"]
+    err = run_and_check_nothing_written(workspace, argv, capsys)
+    assert "--output /proc/forbidden/out cannot be written: creating the folder /proc/forbidden failed" in err
+    assert "choose an --output in a folder you can write to" in err
+    assert not Path("/proc/forbidden").exists()
+
+
+def test_unwritable_output_folder_leaves_no_created_parent(workspace, capsys, monkeypatch):
+    def disk_refuses(*_args, **_kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkstemp", disk_refuses)
+    argv = ["quantize", str(workspace / "model"), "--scheme", "W8A8", "--output", str(workspace / "new" / "deeper" / "out")]
+    err = run_and_check_nothing_written(workspace, argv, capsys)
+    assert f"writing a file in {workspace / 'new' / 'deeper'} failed (Read-only file system)" in err
+    assert not (workspace / "new").exists()
+
+
+def test_output_parents_made_by_the_probe_are_gone_when_a_later_check_fails(workspace, capsys):
+    (workspace / "data.jsonl").write_text("\n")  # found after the output location was probed
+    argv = quantize_args(workspace, "--scheme", "W8A8", "--data", str(workspace / "data.jsonl"))
+    argv[argv.index("--output") + 1] = str(workspace / "new" / "deeper" / "out")
+    err = run_and_check_nothing_written(workspace, argv, capsys)
+    assert "holds no calibration records" in err and not (workspace / "new").exists()
+
+
+def test_output_without_room_for_the_checkpoint_names_both_sizes(workspace, capsys, monkeypatch):
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 1000, 1000))
+    err = run_and_check_nothing_written(workspace, quantize_args(workspace, "--scheme", "W8A8"), capsys)
+    # 40960 parameters: the embedding at float32 and the 8-bit down_proj with a scale per row, plus 64 MiB of files
+    assert "the checkpoint needs up to 67.2 MB (40,960 parameters at W8A8)" in err
+    assert f"but {workspace} has only 1 KB free; free some space there or choose an --output on a disk" in err
+
+
+def test_output_that_is_a_file(workspace, capsys):
+    (workspace / "out").write_text("mine")
+    err = run_and_check_nothing_written(workspace, quantize_args(workspace, "--scheme", "W8A8", "--overwrite"), capsys)
+    assert "is a file; a checkpoint is a folder" in err
+
+
+def test_output_that_is_the_model_folder(workspace, capsys):
+    argv = ["quantize", str(workspace / "model"), "--scheme", "W8A8", "--overwrite", "--output", str(workspace / "model")]
+    err = run_and_check_nothing_written(workspace, argv, capsys)
+    assert "is the model folder; choose another folder for the checkpoint" in err
+
+
+def test_library_checks_the_output_location_before_calibrating(tiny_llama_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(quantize, "oneshot", must_not_run("calibration started"))
+    model = load_tiny_llama(tiny_llama_dir)
+    with pytest.raises(InputError, match=r"output_dir /proc/forbidden/out cannot be written"):
+        quantize_to_checkpoint(model, tiny_tokenizer(), W8A8_RECIPE, random_token_dataset(2), "/proc/forbidden/out")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 1000, 1000))
+    with pytest.raises(InputError, match=r"the checkpoint needs up to .* \(\d[\d,]* parameters at 8-bit weights\)"):
+        quantize_to_checkpoint(model, tiny_tokenizer(), W8A8_RECIPE, random_token_dataset(2), tmp_path / "a" / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- counts and other arguments: bad usage, one line, before anything is imported or loaded ------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["quantize", "M", "--scheme", "W8A8", "--samples", "0", "--output", "o"],
+         "--samples 0 is out of range: pass --samples with a value of at least 1"),
+        (["quantize", "M", "--scheme", "W8A8", "--max-length", "4", "--output", "o"],
+         "--max-length 4 is out of range: pass --max-length with a value of at least 16"),
+        (["quantize", "M", "--scheme", "W8A8", "--seed", "-1", "--output", "o"],
+         "--seed -1 is out of range: pass --seed with a value from 0 to 4294967295"),
+        (["serve", "ckpt", "--port", "70000"], "--port 70000 is out of range: pass --port with a value from 1 to 65535"),
+        (["generate", "ckpt", "--prompt", "Hi", "--max-tokens", "0"],
+         "--max-tokens 0 is out of range: pass --max-tokens with a value of at least 1"),
+        (["generate", "ckpt", "--prompt", " "], "--prompt is empty: pass the text of the user's turn"),
+        (["explain", "M", "--image", "x.png", "--prompt", "Hi", "--layers", "0", "-2"],
+         "--layers -2: pass decoder layer indices from 0 up"),
+    ],
+    ids=["samples", "max-length", "seed", "port", "max-tokens", "prompt", "layers"],
+)
+def test_out_of_range_arguments_are_bad_usage(workspace, argv, message, capsys):
+    err = run_and_check_nothing_written(workspace, argv, capsys)
+    assert err.startswith(f"qig {argv[0]}: error: {message}")
+
+
+def test_bad_usage_imports_neither_torch_nor_llmcompressor(tmp_path):
+    script = (
+        "import sys\n"
+        "from qig_plugin.cli import main\n"
+        "code = main(['quantize', 'M', '--scheme', 'W8A8', '--samples', '0', '--output', 'out'])\n"
+        "heavy = [name for name in ('torch', 'llmcompressor', 'transformers') if name in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "sys.exit(code)\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                               env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=120)
+    assert completed.returncode == 2, completed.stderr
+    assert completed.stderr == (
+        "qig quantize: error: --samples 0 is out of range: pass --samples with a value of at least 1 "
+        "(the number of calibration samples)\n"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- recipes -------------------------------------------------------------------------------------------------------
+
+
+def test_misspelt_modifier_name_suggests_the_close_name(workspace, capsys):
+    recipe = workspace / "typo.yaml"
+    recipe.write_text("q_stage:\n  q_modifiers:\n    QIGGPTQModifer:\n      scheme: W8A8\n")
+    err = run_and_check_nothing_written(workspace, quantize_args(workspace, "--recipe", str(recipe)), capsys)
+    assert "no modifier is named 'QIGGPTQModifer'; did you mean 'QIGGPTQModifier'?" in err
+
+
+def test_misspelt_shipped_recipe_name_suggests_the_shipped_recipe(workspace, capsys):
+    err = run_and_check_nothing_written(workspace, quantize_args(workspace, "--recipe", "qig_gptq_w8a"), capsys)
+    assert "recipe qig_gptq_w8a does not exist; did you mean the shipped recipe 'qig_gptq_w8a8'?" in err
+
+
+# -- calibration data ----------------------------------------------------------------------------------------------
+
+
+def test_missing_calibration_file(workspace, capsys):
+    err = run_and_check_nothing_written(
+        workspace, quantize_args(workspace, "--scheme", "W8A8", "--data", str(workspace / "nope.jsonl")), capsys
+    )
+    assert "calibration data" in err and "nope.jsonl does not exist" in err
+
+
+def test_records_with_and_without_images(workspace, capsys):
+    Image.new("RGB", (8, 8)).save(workspace / "photo.png")
+    records = [{"image": "photo.png", "prompt": "What is it?", "answer": "Black."}, {"image": None, "prompt": "Hi"}]
+    data = write_records(workspace / "data.json", records)
+    err = run_and_check_nothing_written(workspace, quantize_args(workspace, "--scheme", "W8A8", "--data", str(data)),
+                                        capsys)
+    assert "has no image but record 0 has one; give every record an image, or none" in err
+
+
+def test_text_only_model_refuses_records_with_images(text_workspace, capsys):
+    Image.new("RGB", (8, 8)).save(text_workspace / "photo.png")
+    data = write_records(text_workspace / "data.json", [{"image": "photo.png", "prompt": "What is it?"}])
+    err = run_and_check_nothing_written(
+        text_workspace, quantize_args(text_workspace, "--scheme", "W8A8", "--data", str(data)), capsys
+    )
+    assert "record 0 of" in err and "has an image, but the model is a text-only LLM" in err
+    assert '"image": null' in err
+
+
+def test_text_only_model_refuses_a_tokenized_set_with_images(text_workspace, capsys):
+    rows = {"input_ids": [[5, 6]], "attention_mask": [[1, 1]], "pixel_values": [[[0.0]]]}
+    Dataset.from_dict(rows).save_to_disk(str(text_workspace / "tokenized"))
+    err = run_and_check_nothing_written(
+        text_workspace, quantize_args(text_workspace, "--scheme", "W8A8", "--data", str(text_workspace / "tokenized")),
+        capsys,
+    )
+    assert "has image columns (pixel_values), but the model is a text-only LLM" in err
+
+
+def test_max_length_that_cuts_image_tokens_fails_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    model_dir = build_tiny_vlm_folder(tmp_path / "model")
+    monkeypatch.setattr(cli, "_load_model", must_not_run("the model was loaded"))
+    Image.new("RGB", (32, 32)).save(tmp_path / "photo.png")
+    data = write_records(tmp_path / "data.json", [{"image": "photo.png", "prompt": "Describe it.", "answer": "Dark."}])
+    argv = ["quantize", str(model_dir), "--scheme", "W8A8", "--data", str(data), "--max-length", "16",
+            "--output", str(tmp_path / "out")]
+    err = run_and_check_nothing_written(tmp_path, argv, capsys)
+    assert "calibration set" in err and "max_length=16 would cut its image tokens" in err
+
+
+# -- serve and generate --------------------------------------------------------------------------------------------
+
+
+def test_generate_refuses_an_image_for_a_text_only_checkpoint(text_workspace, capsys):
+    Image.new("RGB", (8, 8)).save(text_workspace / "photo.png")
+    argv = ["generate", str(text_workspace / "model"), "--prompt", "Hi", "--image", str(text_workspace / "photo.png")]
+    err = run_and_check_nothing_written(text_workspace, argv, capsys)
+    assert "is a text-only model, which takes no image; leave out --image" in err
+
+
+def test_generate_refuses_an_undecodable_image(workspace, capsys):
+    (workspace / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n but not really")
+    argv = ["generate", str(workspace / "model"), "--prompt", "Hi", "--image", str(workspace / "broken.png")]
+    err = run_and_check_nothing_written(workspace, argv, capsys)
+    assert "--image: image" in err and "cannot be decoded" in err
+
+
+def test_serve_refuses_a_checkpoint_without_weights(workspace, capsys):
+    (workspace / "model" / "model.safetensors").unlink()
+    err = run_and_check_nothing_written(workspace, ["serve", str(workspace / "model")], capsys)
+    assert "has no safetensors weights; pass the --output of a finished `qig quantize`" in err
 
 
 def test_nan_activations_stop_calibration_and_write_nothing(tiny_llama_dir, tmp_path):

@@ -59,6 +59,7 @@ def test_overwrite_replaces_an_existing_checkpoint(tiny_vlm_dir, tmp_path):
 
 def test_serve_starts_vllm_on_loopback(tmp_path, monkeypatch):
     (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"")
     calls = []
     monkeypatch.setattr(subprocess, "call", lambda command: calls.append(command) or 0)
     monkeypatch.setenv("QIG_SERVE_PYTHON", str(tmp_path / "config.json"))  # any existing file

@@ -6,6 +6,14 @@ from qig_plugin.data.calibration import (
     build_calibration_dataset,
     load_photo,
     shipped_records,
+    shipped_text_records,
 )
 
-__all__ = ["CalibrationRecord", "batch_one_collator", "build_calibration_dataset", "load_photo", "shipped_records"]
+__all__ = [
+    "CalibrationRecord",
+    "batch_one_collator",
+    "build_calibration_dataset",
+    "load_photo",
+    "shipped_records",
+    "shipped_text_records",
+]

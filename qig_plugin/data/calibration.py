@@ -15,7 +15,7 @@ import torch
 from datasets import Dataset
 from PIL import Image
 
-from qig_plugin.data.records import HELDOUT_PHOTOS, HELDOUT_TOPICS, PASSAGE_TASKS, PHOTO_PROMPTS
+from qig_plugin.data.records import HELDOUT_PHOTOS, HELDOUT_TOPICS, PASSAGE_TASKS, PHOTO_PROMPTS, TEXT_ONLY_TOPICS
 
 PASSAGE_CHARS = 900
 CONTINUATION_CHARS = 400
@@ -63,7 +63,7 @@ def _cut_at_whitespace(text: str, max_chars: int) -> str:
     return text[: text.rindex(" ", 0, max_chars + 1)].rstrip()
 
 
-def _passage_record(topic: str, task: str, image: Image.Image, summary: str | None) -> CalibrationRecord:
+def _passage_record(topic: str, task: str, image: Image.Image | None, summary: str | None) -> CalibrationRecord:
     text = _topic_text(topic)
     if task == "summarize":
         passage = _cut_at_whitespace(text, PASSAGE_CHARS)
@@ -94,6 +94,28 @@ def shipped_records(split: Literal["calibration", "heldout"]) -> list[Calibratio
     records += [
         _passage_record(topic, task, photos[photo], summary)
         for topic, task, photo, summary in PASSAGE_TASKS
+        if (topic in HELDOUT_TOPICS) == heldout
+    ]
+    return records
+
+
+def shipped_text_records(split: Literal["calibration", "heldout"]) -> list[CalibrationRecord]:
+    """The project's real calibration texts for text-only LLMs, in a fixed order; no record has an image.
+
+    The split's documentation passages of :func:`shipped_records` without their photos, then continuations of
+    the passages of ``TEXT_ONLY_TOPICS``: ``"calibration"`` has 24 records, ``"heldout"`` 8, no topic in both.
+    """
+    if split not in ("calibration", "heldout"):
+        raise ValueError(f"split must be 'calibration' or 'heldout', got {split!r}")
+    heldout = split == "heldout"
+    records = [
+        _passage_record(topic, task, None, summary)
+        for topic, task, _photo, summary in PASSAGE_TASKS
+        if (topic in HELDOUT_TOPICS) == heldout
+    ]
+    records += [
+        _passage_record(topic, "continue", None, None)
+        for topic in TEXT_ONLY_TOPICS
         if (topic in HELDOUT_TOPICS) == heldout
     ]
     return records
@@ -135,7 +157,8 @@ def build_calibration_dataset(
     Each record becomes ``[user: image + prompt, assistant: answer]`` rendered with the processor's chat template
     (which supplies the leading ``<|im_start|>``, so no other special tokens are added) and tokenized by the
     processor, which expands each image into its image tokens. ``processor`` may be a plain tokenizer when no
-    record has an image (text-only models).
+    record has an image (text-only models). A tokenizer without a chat template (a base model) gets the prompt
+    and the answer joined by a blank line, with the tokenizer's own special tokens (e.g. its BOS).
 
     Columns of row i (``seq_i <= max_length``):
         input_ids, attention_mask: ``[seq_i]`` int.
@@ -161,6 +184,9 @@ def build_calibration_dataset(
             "(the sequential pipeline traces the model with the first batch)"
         )
     tokenizer = getattr(processor, "tokenizer", processor)  # a processor, or a plain tokenizer for text models
+    has_template = getattr(processor, "chat_template", None) is not None
+    if not has_template and any(image is not None for image in images):
+        raise ValueError("records with images need a processor with a chat template, which places the image")
     placeholder_ids = {tokenizer.convert_tokens_to_ids(token) for token in IMAGE_PLACEHOLDER_TOKENS}
     rows = []
     for index, (record, image) in enumerate(zip(records, images)):
@@ -171,9 +197,13 @@ def build_calibration_dataset(
             {"role": "user", "content": user_content},
             {"role": "assistant", "content": [{"type": "text", "text": record.answer}]},
         ]
-        text = processor.apply_chat_template(messages, tokenize=False)
+        text = (
+            processor.apply_chat_template(messages, tokenize=False)
+            if has_template
+            else f"{record.prompt}\n\n{record.answer}"
+        )
         image_inputs = {"images": [[image]]} if image is not None else {}  # a plain tokenizer takes no images
-        encoding = processor(text=[text], add_special_tokens=False, return_tensors="np", **image_inputs)
+        encoding = processor(text=[text], add_special_tokens=not has_template, return_tensors="np", **image_inputs)
         input_ids = encoding["input_ids"][0]
         placeholder_positions = np.flatnonzero(np.isin(input_ids, list(placeholder_ids)))
         if len(input_ids) > max_length:
@@ -187,7 +217,7 @@ def build_calibration_dataset(
         loss_mask = attention_mask.astype(np.float32)
         if mask_system_prompt:
             content_start = text.index("<image>" if image is not None else record.prompt)
-            prefix_ids = tokenizer(text[:content_start], add_special_tokens=False)["input_ids"]
+            prefix_ids = tokenizer(text[:content_start], add_special_tokens=not has_template)["input_ids"]
             if list(input_ids[: len(prefix_ids)]) != list(prefix_ids):
                 raise RuntimeError(f"{_describe(index, record)}: the template prefix does not tokenize separately")
             loss_mask[: len(prefix_ids)] = 0.0

@@ -4,7 +4,7 @@
 pairs in three styles: a caption, a short visual question, a detailed description.
 ``PASSAGE_TASKS`` pairs a topic of the Python documentation (``pydoc_data.topics``) with a task and a photo:
 "continue" asks for the next part of the real text (the answer is that text); "summarize" asks for a summary
-(the answer is written here).
+(the answer is written here). ``TEXT_ONLY_TOPICS`` are continued without a photo, for text-only models.
 Photos and topics listed in ``HELDOUT_PHOTOS`` / ``HELDOUT_TOPICS`` only appear in the held-out split.
 """
 
@@ -238,4 +238,11 @@ PASSAGE_TASKS: tuple[tuple[str, str, str, str | None], ...] = (
     ("dict", "continue", "chelsea", None),
 )
 
-HELDOUT_TOPICS = frozenset({"continue", "truth", "try", "dict"})
+# Topics whose passages only the text-only records continue (for text-only LLMs, which take no photo)
+TEXT_ONLY_TOPICS: tuple[str, ...] = (
+    "assert", "assignment", "augassign", "calls", "comparisons", "context-managers", "del", "global",
+    "import", "lambda", "raise", "return", "slicings", "strings",
+    "booleans", "nonlocal", "yield", "lists",
+)
+
+HELDOUT_TOPICS = frozenset({"continue", "truth", "try", "dict", "booleans", "nonlocal", "yield", "lists"})
