@@ -92,7 +92,7 @@ SCHEMES = ("w3a16", "w4a16", "w4a8", "w8a8")
 def control_modifiers():
     """The cheap controls of the GPTQ cells, as QIG-GPTQ with other token scores (same weighting path)."""
     from qig_plugin.modifiers import QIGGPTQModifier
-    from qig_plugin.modifiers.block_attribution import block_input
+    from qig_plugin.attribution import block_input
 
     class NormWeightedGPTQModifier(QIGGPTQModifier):
         """Control: token scores ``||x_t||`` of the block input, normalized and IQR-clipped as QIG's."""
@@ -122,16 +122,16 @@ def control_modifiers():
         """Experiment: q_proj weighted by the attribution of quantizing q alone, k/v by quantizing k and v
         alone (an error in q_t reaches only output t, one in k_t/v_t every later output that attends to t)."""
 
-        def _attribute_group(self, group, block, args, kwargs):
+        def group_weights(self, group, args, kwargs):
             if not group.block_name.endswith("self_attn"):
-                return super()._attribute_group(group, block, args, kwargs)
+                return super().group_weights(group, args, kwargs)
             _, block_in = block_input(args, kwargs)
-            keep = self._token_mask(block_in, kwargs)
-            query, key_value = group.linears[:1], group.linears[1:]
-            for linears in (query, key_value):
-                scores = self.qig_scores(block, {m: group.weight_args[m] for m in linears}, args, kwargs)
-                for linear in linears:
-                    self._pending_weights[linear] = self.qig_weights(scores, keep)
+            keep = self.token_mask(block_in, kwargs)
+            weights = {}
+            for linears in (group.linears[:1], group.linears[1:]):  # q alone, then k and v
+                scores = self.qig_scores(group.block, {m: group.weight_args[m] for m in linears}, args, kwargs)
+                weights.update(dict.fromkeys(linears, self.qig_weights(scores, keep)))
+            return weights
 
     return {cls.__name__: cls for cls in (NormWeightedGPTQModifier, SinkMaskedGPTQModifier,
                                           UniformWeightedGPTQModifier, SplitAttentionQIGGPTQModifier)}
@@ -283,10 +283,6 @@ def run_cell(model_kind: str, scheme: str, method: str, samples: int, reference_
     from qig_plugin.quantize import calibrate
 
     torch.manual_seed(SEED)
-    if not torch.accelerator.is_available():  # stock AWQ 0.14.0.1 pins its cache unconditionally: fails on CPU
-        from llmcompressor.pipelines.cache import IntermediatesCache
-
-        IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
     mask_prompt = method in PROMPT_MASKED
     model, processor, dataset, heldout_set, text_ids, tokenizer = load_subject(model_kind, samples, mask_prompt)
     seconds = calibrate(model, processor, build_modifiers(method, scheme), dataset, use_loss_mask=mask_prompt)

@@ -64,10 +64,6 @@ def measure(method: str, size: int, scheme: str, count_flops: bool = False) -> d
     from qig_plugin.modifiers import QIGAWQModifier, QIGGPTQModifier
     from qig_plugin.quantize import quantize_to_checkpoint
 
-    if method == "awq" and not torch.accelerator.is_available():  # stock AWQ 0.14.0.1 pins its cache: fails on CPU
-        from llmcompressor.pipelines.cache import IntermediatesCache
-
-        IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
 
     model_dir = build_default_model()
     processor = load_processor(model_dir)
@@ -80,7 +76,7 @@ def measure(method: str, size: int, scheme: str, count_flops: bool = False) -> d
     )
     attribution_s, attribution_flops = [0.0], [0]
     # where each QIG modifier computes its token weights
-    for modifier, name in ((QIGGPTQModifier, "_attribute_group"), (QIGAWQModifier, "_mapping_token_weights")):
+    for modifier, name in ((QIGGPTQModifier, "group_weights"), (QIGAWQModifier, "mapping_token_weights")):
         def timed(self, *args, attribute=getattr(modifier, name), **kwargs):
             start = time.perf_counter()
             with FlopCounterMode(display=False) if count_flops else nullcontext() as counter:

@@ -273,14 +273,15 @@ def explain_command(args: argparse.Namespace) -> int:
         raise InputError(f"--output {args.output} must end in .png")
     check_output_folder(args.output, overwrite=args.overwrite)
 
-    modifier = modifiers[0]
-    group = next(iter(modifier.resolve_quantization_config().config_groups.values()))
-    steps = getattr(modifier, "qig_steps", 8)
-    iqr_k = getattr(modifier, "qig_iqr_k", 1.5) if getattr(modifier, "qig_iqr_clip", True) else None
-
     from qig_plugin.data import CalibrationRecord
-    from qig_plugin.explain import explain_sample, plot_explanation
+    from qig_plugin.explain import explain_sample, plot_explanation, recipe_quantization
     from qig_plugin.modifiers.language_model import decoder_layers
+
+    try:
+        quantization, _ = recipe_quantization(modifiers)
+    except ValueError as error:
+        raise InputError(f"--recipe: {error}") from error
+    weight_bits = next(s.weights.num_bits for s in quantization.config_groups.values() if s.weights is not None)
 
     loaded, processor = _load_model_and_processor(model, config, args.trust_remote_code)
     num_layers = len(decoder_layers(loaded)[1])
@@ -290,15 +291,15 @@ def explain_command(args: argparse.Namespace) -> int:
         raise InputError(f"--layers {bad_layers} out of range: the model has decoder layers 0..{num_layers - 1}")
 
     start = time.perf_counter()
-    explanation = explain_sample(
-        loaded, processor, CalibrationRecord(image, args.prompt, args.answer), group.weights, steps=steps, iqr_k=iqr_k
-    )
-    title = f"QIG token weights, {Path(str(model)).name}, W{group.weights.num_bits} grid: {args.prompt!r}"
+    explanation = explain_sample(loaded, processor, CalibrationRecord(image, args.prompt, args.answer), modifiers)
+    title = f"QIG token weights, {Path(str(model)).name}, W{weight_bits} grid: {args.prompt!r}"
     plot_explanation(explanation, layers, args.output, title)
     print(f"[qig] wrote {args.output} ({len(explanation.tokens)} tokens, {num_layers} layers, "
           f"{time.perf_counter() - start:.1f} s)")
     for layer in layers:
         for group_name in ("attention", "mlp"):
+            if (layer, group_name) not in explanation.weights:
+                continue
             mass = explanation.mass_by_role(layer, group_name)
             print(f"  layer {layer:3d} {group_name:9s} " + "  ".join(f"{role} {share:5.1%}" for role, share in mass.items()))
     return EXIT_OK

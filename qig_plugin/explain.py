@@ -2,9 +2,10 @@
 
 :func:`explain_sample` runs the full-precision model once on one image/prompt/answer sample,
 catches the input of every decoder layer's attention (the q/k/v group) and MLP (the gate/up
-group), and scores each token with the same attribution the QIG modifiers use: ``Q(W)`` on
-the recipe's weight grid swapped into the block's linears, integrated gradients of the
-discrepancy, and token weights with mean 1 over the sample. :func:`plot_explanation` draws
+group), and scores each token with the attribution calibration uses: the sub-layer groups
+QIG-GPTQ resolves for the recipe's targets, ``Q(W)`` of the recipe's targeted linears on its
+weight grid, :func:`~qig_plugin.attribution.attribute_block` with the recipe's ``qig_*``
+settings, and token weights with mean 1 over the sample. :func:`plot_explanation` draws
 the weights over the image patches and the text tokens, and how each layer's weight mass
 splits between vision, prompt and answer tokens.
 """
@@ -18,7 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qig_plugin.attribution import AttributionCache, attribute_block, calibration_token_weights, settings_of
 from qig_plugin.data.calibration import IMAGE_PLACEHOLDER_TOKENS, CalibrationRecord, build_calibration_dataset
+from qig_plugin.modifiers.groups import resolve_groups, targeted_linears
 from qig_plugin.modifiers.language_model import decoder_layers
 
 GROUPS = ("attention", "mlp")
@@ -74,26 +77,39 @@ def _seen_image(pixel_values: torch.Tensor, image_processor) -> np.ndarray:
     return (pixel_values[0, 0] * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
 
 
-def explain_sample(
-    model: torch.nn.Module,
-    processor,
-    record: CalibrationRecord,
-    weight_args,
-    *,
-    steps: int = 8,
-    iqr_k: float | None = 1.5,
-) -> Explanation:
-    """QIG token weights of every decoder layer's attention and MLP on one sample.
+def recipe_quantization(modifiers: list):
+    """What a recipe's calibration attributes with: its weight quantization config and its QIG settings.
+
+    :param modifiers: the recipe's modifiers, in order
+    :return: the quantization config of its first quantizing modifier (the scheme ``Q(W)`` uses; a
+        QIG-AWQ or QIG-SmoothQuant stage reads it from the stage after it, as here) and the ``qig_*``
+        settings of its first QIG modifier (the defaults for a stock recipe)
+    :raises ValueError: when no modifier quantizes weights
+    """
+    from qig_plugin.attribution import QIGSettings
+
+    configs = [
+        modifier.resolve_quantization_config()
+        for modifier in modifiers
+        if hasattr(modifier, "resolve_quantization_config")
+    ]
+    configs = [config for config in configs if any(s.weights is not None for s in config.config_groups.values())]
+    if not configs:
+        raise ValueError("the recipe quantizes no weights, so there is no Q(W) to attribute; give a recipe with a "
+                         "quantizing modifier (GPTQModifier, QIGGPTQModifier, QuantizationModifier)")
+    qig_modifiers = [modifier for modifier in modifiers if isinstance(modifier, QIGSettings)]
+    return configs[0], settings_of(qig_modifiers[0] if qig_modifiers else None)
+
+
+def explain_sample(model: torch.nn.Module, processor, record: CalibrationRecord, modifiers: list) -> Explanation:
+    """QIG token weights of every decoder layer's attention and MLP group on one sample.
 
     :param model: the full-precision model (float32)
     :param processor: its processor; the sample is rendered as in calibration
     :param record: the sample
-    :param weight_args: ``QuantizationArgs`` of the weights: ``Q(W)`` of every linear in a block
-    :param steps: quadrature nodes of the path integral
-    :param iqr_k: IQR clipping multiplier of the token weights (None: no clipping)
+    :param modifiers: the recipe's modifiers (see :func:`recipe_quantization`)
     """
-    from qig_plugin.modifiers.block_attribution import QIGAttribution
-
+    config, settings = recipe_quantization(modifiers)
     row = build_calibration_dataset([record], processor).with_format("torch")[0]
     inputs = {name: value.unsqueeze(0) for name, value in row.items() if name != "loss_mask"}
     if "pixel_values" in inputs:
@@ -107,14 +123,20 @@ def explain_sample(
     ]
 
     _, layers = decoder_layers(model)
-    calls: dict[tuple[int, str], tuple[tuple, dict]] = {}
-    handles = []
+    drawn_blocks = {}
     for layer_index, layer in enumerate(layers):
-        for group, block in zip(GROUPS, (layer.self_attn, layer.mlp)):
-            def catch(_module, args, kwargs, key=(layer_index, group)):
-                calls[key] = (args, kwargs)
-
-            handles.append(block.register_forward_pre_hook(catch, with_kwargs=True))
+        drawn_blocks[layer.self_attn] = (layer_index, "attention")
+        drawn_blocks[layer.mlp] = (layer_index, "mlp")
+    groups = [g for g in resolve_groups(model, targeted_linears(model, config)) if g.block in drawn_blocks]
+    if not groups:
+        raise ValueError("the recipe targets no attention or MLP linears of the decoder layers; nothing to explain")
+    calls: dict[int, tuple[tuple, dict]] = {}
+    handles = [
+        group.block.register_forward_pre_hook(
+            lambda _module, args, kwargs, index=index: calls.__setitem__(index, (args, kwargs)), with_kwargs=True
+        )
+        for index, group in enumerate(groups)
+    ]
     try:
         with torch.no_grad():
             model(**inputs, use_cache=False)
@@ -122,7 +144,6 @@ def explain_sample(
         for handle in handles:
             handle.remove()
 
-    attribution = QIGAttribution(qig_steps=steps, qig_iqr_clip=iqr_k is not None, qig_iqr_k=iqr_k or 0.0)
     explanation = Explanation(
         tokens=[processor.tokenizer.decode([token_id]) for token_id in input_ids],
         roles=roles,
@@ -130,11 +151,14 @@ def explain_sample(
         image_token_id=getattr(model.config, "image_token_id", None),
         input_ids=input_ids,
     )
-    for (layer_index, group), (args, kwargs) in calls.items():
-        block = layers[layer_index].self_attn if group == "attention" else layers[layer_index].mlp
-        linears = {module: weight_args for module in block.modules() if isinstance(module, torch.nn.Linear)}
-        scores = attribution.qig_scores(block, linears, args, kwargs)
-        explanation.weights[(layer_index, group)] = attribution.qig_weights(scores, None)[0].detach()
+    cache = AttributionCache()
+    for index, group in enumerate(groups):
+        args, kwargs = calls[index]
+        attribution = attribute_block(
+            group.block, args, kwargs, group.weight_args, settings, input_linears=group.linears, cache=cache
+        )
+        weights = calibration_token_weights(attribution.scores, None, settings.iqr_multiplier)
+        explanation.weights[drawn_blocks[group.block]] = weights[0].detach()
     return explanation
 
 
@@ -201,7 +225,7 @@ def plot_explanation(explanation: Explanation, layers: list[int], path: Path, ti
     from matplotlib.colors import Normalize
 
     colormap = plt.get_cmap("magma_r")
-    shown = [(layer, group) for layer in layers for group in GROUPS]
+    shown = [(layer, group) for layer in layers for group in GROUPS if (layer, group) in explanation.weights]
     norm = Normalize(0.0, max(float(explanation.weights[key].max()) for key in shown))
     figure = plt.figure(figsize=(13, 1.9 * len(shown) + 3.2), layout="constrained")
     grid = figure.add_gridspec(len(shown) + 1, 2, width_ratios=(1, 5), height_ratios=[1] * len(shown) + [1.3])
@@ -216,13 +240,13 @@ def plot_explanation(explanation: Explanation, layers: list[int], path: Path, ti
     )
 
     summary = grid[len(shown), :].subgridspec(1, len(GROUPS))
-    all_layers = sorted({layer for layer, _ in explanation.weights})
     for column, group in enumerate(GROUPS):
         axis = figure.add_subplot(summary[0, column])
-        bottom = np.zeros(len(all_layers))
+        group_layers = sorted(layer for layer, name in explanation.weights if name == group)
+        bottom = np.zeros(len(group_layers))
         for role in ROLES:
-            mass = np.array([explanation.mass_by_role(layer, group)[role] for layer in all_layers])
-            axis.bar(all_layers, mass, bottom=bottom, color=ROLE_COLOURS[role], label=role, width=0.85)
+            mass = np.array([explanation.mass_by_role(layer, group)[role] for layer in group_layers])
+            axis.bar(group_layers, mass, bottom=bottom, color=ROLE_COLOURS[role], label=role, width=0.85)
             bottom += mass
         token_share = {role: explanation.roles.count(role) / len(explanation.roles) for role in ROLES}
         axis.set_title(

@@ -22,6 +22,7 @@ from llmcompressor.recipe import Recipe
 import qig_plugin  # noqa: F401  (registers the QIG modifiers before the recipe is parsed)
 from qig_plugin.data import batch_one_collator
 from qig_plugin.modifiers.language_model import decoder_layers
+from qig_plugin.upstream import unpinned_caches_without_accelerator
 from qig_plugin.validation import (
     CheckpointSize,
     check_checkpoint_output,
@@ -72,6 +73,8 @@ def calibrate(
 ) -> float:
     """Run llm-compressor's ``oneshot`` on ``model`` in place, layer by layer; return its wall time in seconds.
 
+    Stock AWQ runs too on CPU-only torch (its cached batches are not pinned there).
+
     :param model: the model, loaded from a saved folder (``oneshot`` re-reads its config)
     :param processor: its processor (or tokenizer)
     :param recipe: a recipe YAML path or string (nested ``*_stage`` / ``*_modifiers`` form), or modifiers
@@ -83,7 +86,7 @@ def calibrate(
         raise ValueError("the calibration dataset is empty: give at least one sample")
     layers_name, layers = decoder_layers(model)
     start = time.perf_counter()
-    with finite_activations(layers, layers_name):
+    with finite_activations(layers, layers_name), unpinned_caches_without_accelerator():
         oneshot(
             model=model,
             processor=processor,

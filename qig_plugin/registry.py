@@ -5,6 +5,10 @@ plugin registered it. ``import qig_plugin`` calls :func:`register_when_llmcompre
 where llm-compressor is already imported the modifiers are registered at once; otherwise right
 after llm-compressor's own import completes. So ``import qig_plugin`` (and ``qig --help``) stays
 light, and every recipe parsed afterwards finds the QIG modifiers.
+
+When llm-compressor's import completes inside the import of a ``qig_plugin`` module (whose names
+may not exist yet), the registration waits for ``qig_plugin.modifiers``, which registers at the end
+of its own import; every ``qig_plugin`` module that imports llm-compressor imports it.
 """
 
 from __future__ import annotations
@@ -40,10 +44,20 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder):
 
         def exec_then_register(module):
             exec_module(module)
-            register_modifiers()
+            if not _importing_plugin_modules():
+                register_modifiers()
 
         spec.loader.exec_module = exec_then_register
         return spec
+
+
+def _importing_plugin_modules() -> bool:
+    """Whether a ``qig_plugin`` submodule is being imported right now (some of its names may not exist yet)."""
+    return any(
+        getattr(getattr(module, "__spec__", None), "_initializing", False)
+        for name, module in list(sys.modules.items())
+        if name.startswith("qig_plugin.")
+    )
 
 
 def register_when_llmcompressor_loads() -> None:

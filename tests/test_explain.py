@@ -2,17 +2,20 @@
 
 import pytest
 import torch
-from compressed_tensors.quantization import QuantizationArgs
 from PIL import Image
 
+from qig_plugin.attribution import block as attribution_block
 from qig_plugin.cli import main
 from qig_plugin.data import CalibrationRecord, load_photo
 from qig_plugin.explain import explain_sample
 from qig_plugin.models import load_processor
-from tests.tiny_models import TINY_IDEFICS3_IMAGE_SEQ_LEN
+from qig_plugin.modifiers import QIGGPTQModifier
+from qig_plugin.recipes import shipped_recipes
+from qig_plugin.validation import load_recipe_modifiers
+from tests.tiny_models import IDEFICS3_IGNORE, TINY_IDEFICS3_IMAGE_SEQ_LEN
 from tests.tiny_vlm_folder import build_tiny_vlm_folder
 
-W4_GROUP_64 = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=64)
+W4_GROUP_64 = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 64}
 ANSWER = "A black and white space helmet."
 
 
@@ -28,13 +31,21 @@ def photo_path(tmp_path_factory):
     return path
 
 
-def test_weights_per_layer_and_group_have_mean_one_and_roles_split_the_tokens(tiny_vlm_dir, photo_path):
+@pytest.fixture(scope="module")
+def tiny_vlm(tiny_vlm_dir, photo_path):
+    """The tiny VLM in float32, its processor, and one image/prompt/answer sample."""
     from transformers import Idefics3ForConditionalGeneration
 
     model = Idefics3ForConditionalGeneration.from_pretrained(tiny_vlm_dir, dtype=torch.float32)
-    processor = load_processor(tiny_vlm_dir)
     record = CalibrationRecord(Image.open(photo_path).convert("RGB"), "What is she holding?", ANSWER)
-    explanation = explain_sample(model, processor, record, W4_GROUP_64, steps=2)
+    return model.eval(), load_processor(tiny_vlm_dir), record
+
+
+def test_weights_per_layer_and_group_have_mean_one_and_roles_split_the_tokens(tiny_vlm):
+    model, processor, record = tiny_vlm
+    recipe = [QIGGPTQModifier(qig_steps=2, ignore=IDEFICS3_IGNORE,
+                              config_groups={"group_0": {"targets": ["Linear"], "weights": W4_GROUP_64}})]
+    explanation = explain_sample(model, processor, record, recipe)
 
     assert sorted(explanation.weights) == [(0, "attention"), (0, "mlp"), (1, "attention"), (1, "mlp")]
     seq = len(explanation.tokens)
@@ -77,3 +88,40 @@ def test_nan_in_the_attribution_exits_2_and_writes_no_png(tiny_vlm_dir, photo_pa
                  "--output", str(output)]) == 2
     assert "NaN or Inf" in capsys.readouterr().err
     assert not output.exists()
+
+
+def test_explain_takes_the_calibration_groups_settings_and_targets_of_every_shipped_recipe(tiny_vlm, monkeypatch):
+    """Each recipe's attribution: its groups' blocks, its qig_* settings, Q(W) only on its targeted linears."""
+    model, processor, record = tiny_vlm
+    calls = []
+    real = attribution_block.attribute_block
+
+    def record_call(block, args, kwargs, weight_args, settings, **options):
+        calls.append((block, set(weight_args), settings, options["input_linears"]))
+        return real(block, args, kwargs, weight_args, settings, **options)
+
+    monkeypatch.setattr("qig_plugin.explain.attribute_block", record_call)
+    layer = model.model.text_model.layers[1]
+    for recipe in shipped_recipes():
+        modifiers = load_recipe_modifiers(recipe)
+        calls.clear()
+        explanation = explain_sample(model, processor, record, modifiers)
+        assert sorted(explanation.weights) == [(0, "attention"), (0, "mlp"), (1, "attention"), (1, "mlp")], recipe
+        assert all(torch.isfinite(w).all() for w in explanation.weights.values())
+        qig = [m for m in modifiers if type(m).__name__.startswith("QIG")]
+        expected_steps = qig[0].qig_steps if qig else 6
+        assert {settings.qig_steps for _, _, settings, _ in calls} == {expected_steps}, recipe
+        attention = next(c for c in calls if c[0] is layer.self_attn)
+        projections = layer.self_attn
+        assert attention[3] == [projections.q_proj, projections.k_proj, projections.v_proj]
+        # Q(W) on the recipe's targeted linears of the block only: q/k/v and o_proj, never a vision linear
+        assert attention[1] == {projections.q_proj, projections.k_proj, projections.v_proj, projections.o_proj}
+
+
+@pytest.mark.parametrize("recipe", ["qig_awq_w4a16", "qig_sq_gptq_w8a8", "sq_gptq_w8a8"])
+def test_explain_runs_with_recipes_whose_first_modifier_does_not_quantize(tiny_vlm_dir, photo_path, tmp_path, recipe):
+    output = tmp_path / "weights.png"
+    recipe_path = next(path for path in shipped_recipes() if path.stem == recipe)
+    assert main(["explain", str(tiny_vlm_dir), "--image", str(photo_path), "--prompt", "Hi", "--recipe",
+                 str(recipe_path), "--output", str(output)]) == 0
+    assert output.is_file()

@@ -86,13 +86,13 @@ def test_qig_gptq_offloaded_to_disk_gives_the_in_memory_checkpoint(tiny_llama_di
     layer_one_weights = len(offloaded(layers[1], "weight"))
     assert layer_one_weights == 9  # 7 linears, 2 norms
     attributed = []
-    attribute = QIGGPTQModifier._attribute_group
+    attribute = QIGGPTQModifier.group_weights
 
-    def spy(self, group, block, args, kwargs):  # the real attribution, recording where it ran
+    def spy(self, group, args, kwargs):  # the real attribution, recording where it ran
         attributed.append(group.block_name)
-        return attribute(self, group, block, args, kwargs)
+        return attribute(self, group, args, kwargs)
 
-    monkeypatch.setattr(QIGGPTQModifier, "_attribute_group", spy)
+    monkeypatch.setattr(QIGGPTQModifier, "group_weights", spy)
     calibrate(model)
 
     assert len(seen) == 2 * SAMPLES and all(s == (0, layer_one_weights, True) for s in seen), seen

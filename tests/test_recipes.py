@@ -7,11 +7,11 @@ import pytest
 import torch
 import yaml
 from llmcompressor import oneshot
-from llmcompressor.pipelines.cache import IntermediatesCache
 
 import qig_plugin  # noqa: F401  (registers the modifiers)
 from qig_plugin.quantize import quantize_to_checkpoint
 from qig_plugin.recipes import shipped_recipes
+from qig_plugin.upstream import unpinned_caches_without_accelerator
 from tests.modifiers.tiny_llama import load_tiny_llama, random_token_dataset, tiny_tokenizer
 from tests.tiny_models import tiny_idefics3
 
@@ -40,10 +40,10 @@ def needs_images(recipe_path: Path) -> bool:
 
 
 @pytest.fixture(autouse=True)
-def stock_awq_runs_on_cpu(monkeypatch):
+def stock_awq_runs_on_cpu():
     """Stock AWQ 0.14.0.1 pins its cache unconditionally, which fails on CPU-only torch."""
-    if not torch.accelerator.is_available():
-        monkeypatch.setattr(IntermediatesCache, "pin_memory", lambda self, batch_index, input_names=None: None)
+    with unpinned_caches_without_accelerator():
+        yield
 
 
 def test_recipes_exist_in_stock_twins():

@@ -5,6 +5,7 @@ A token's QIG score is the hidden-mean of ``|IG|`` of a block's quantization dis
 """
 
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -33,6 +34,20 @@ def linear_token_scores(x: torch.Tensor, weight_error: torch.Tensor) -> torch.Te
     return (x * gradients).abs().mean(dim=-1)
 
 
+class TokenScores(NamedTuple):
+    """What :func:`qig_token_scores` found.
+
+    :param scores: QIG score of every token ``[batch, seq]``, non-negative
+    :param nodes: quadrature nodes of the accepted path integral
+    :param completeness_error: ``|sum IG - (F(x) - F(x0))| / |F(x) - F(x0)|`` of the accepted result,
+        None when no completeness check ran (``min_steps`` None or not below ``steps``)
+    """
+
+    scores: torch.Tensor
+    nodes: int
+    completeness_error: float | None
+
+
 def qig_token_scores(
     fp_fn: Callable[..., torch.Tensor],
     q_fn: Callable[..., torch.Tensor],
@@ -45,7 +60,7 @@ def qig_token_scores(
     completeness_tol: float = 0.01,
     fp_maps: Sequence[torch.Tensor] = (),
     q_maps: Sequence[torch.Tensor] = (),
-) -> tuple[torch.Tensor, int]:
+) -> TokenScores:
     """QIG score of every token of ``x``, with the fewest nodes that integrate it well.
 
     With ``min_steps`` set, the path integral is first taken with ``min_steps`` nodes and
@@ -67,7 +82,7 @@ def qig_token_scores(
     :param completeness_tol: relative completeness error accepted from ``min_steps`` nodes
     :param fp_maps, q_maps: weights ``[out, hidden_in]`` of the linears each branch applies to
         its input, hoisted out of the path integral (see :func:`integrated_gradients`)
-    :return: scores ``[batch, seq]`` (non-negative) and the number of nodes used
+    :return: the scores ``[batch, seq]``, the nodes used and the completeness error where it was checked
     """
     if x.ndim != 3:
         raise ValueError(f"x must be [batch, seq, hidden], got shape {tuple(x.shape)}")
@@ -89,6 +104,7 @@ def qig_token_scores(
         )
 
     nodes = steps if min_steps is None else min(min_steps, steps)
+    change = None
     if nodes < steps:
         with torch.no_grad():
             start = torch.zeros_like(x) if baseline is None else baseline.expand_as(x)
@@ -97,12 +113,18 @@ def qig_token_scores(
                               for s, d in projected_path]
             per_token = objective_per_token(ends, *projected_ends)
             change = (per_token[len(x) :].sum() - per_token[: len(x)].sum()).item()
+
+    def relative_error(attributions: torch.Tensor) -> float:
+        return abs(attributions.sum().item() - change) / max(abs(change), torch.finfo(torch.float64).tiny)
+
     while nodes < steps:
         attributions = attribute(nodes)
-        if abs(attributions.sum().item() - change) <= completeness_tol * abs(change):
-            return attributions.abs().mean(dim=-1), nodes
+        error = relative_error(attributions)
+        if error <= completeness_tol:
+            return TokenScores(attributions.abs().mean(dim=-1), nodes, error)
         nodes = min(steps, nodes + max(1, nodes // 2))
-    return attribute(steps).abs().mean(dim=-1), steps
+    attributions = attribute(steps)
+    return TokenScores(attributions.abs().mean(dim=-1), steps, None if change is None else relative_error(attributions))
 
 
 # per-sample: divide by the sum over the kept tokens (masked tokens stay 0)
@@ -160,3 +182,17 @@ def token_weights(
         weights = torch.minimum(torch.maximum(weights, low), (q3 + spread).unsqueeze(-1))
         weights = _normalize(weights, keep)
     return weights.to(scores.dtype)
+
+
+def calibration_token_weights(
+    scores: torch.Tensor, keep: torch.Tensor | None, iqr_k: float | None = 1.5
+) -> torch.Tensor:
+    """:func:`token_weights` scaled to mean 1 over each sample's kept tokens, as stock calibration counts them.
+
+    :param scores: ``[batch, seq]`` non-negative token scores
+    :param keep: ``[batch, seq]`` tokens that count (None: all)
+    :param iqr_k: IQR clipping multiplier (None: no clipping)
+    :return: weights ``[batch, seq]``: kept tokens sum to their count per sample, the others are 0
+    """
+    kept_tokens = keep.sum(dim=-1, keepdim=True) if keep is not None else scores.shape[-1]
+    return token_weights(scores, keep, iqr_k) * kept_tokens

@@ -5,4 +5,8 @@ from qig_plugin.modifiers.qig_awq import QIGAWQModifier
 from qig_plugin.modifiers.qig_gptq import QIGGPTQModifier
 from qig_plugin.modifiers.qig_smoothquant import QIGSmoothQuantModifier
 
+from qig_plugin.registry import register_modifiers
+
 __all__ = ["MBQModifier", "QIGAWQModifier", "QIGGPTQModifier", "QIGSmoothQuantModifier"]
+
+register_modifiers()

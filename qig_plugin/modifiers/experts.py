@@ -20,11 +20,12 @@ stock weight 1, so equal QIG scores and routing weights reproduce stock calibrat
 from dataclasses import dataclass
 
 import torch
-from llmcompressor.modeling.moe.linear_experts import LinearExperts2D
+from pydantic import BaseModel, PrivateAttr
 
-from qig_plugin.attribution import token_weights
+from qig_plugin.attribution import calibration_token_weights
+from qig_plugin.upstream import LinearExperts2D, expert_token_rows
 
-__all__ = ["ExpertRoute", "ExpertRouting", "expert_token_weights", "routed_call"]
+__all__ = ["ExpertRoute", "ExpertRouting", "ExpertRoutingHooks", "expert_token_weights", "routed_call"]
 
 
 @dataclass
@@ -59,7 +60,7 @@ class ExpertRouting:
         # experts module -> (top_k_index [T, k], top_k_weights [T, k]) of its latest call
         self._latest: dict[LinearExperts2D, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def record(self, experts: LinearExperts2D, args: tuple, kwargs: dict) -> None:
+    def record_hook(self, experts: LinearExperts2D, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook of an experts module (register with ``with_kwargs=True``)."""
         names = ("hidden_states", "top_k_index", "top_k_weights")
         values = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
@@ -80,8 +81,7 @@ class ExpertRouting:
         if experts not in self._latest:
             return None
         top_k_index, top_k_weights = self._latest[experts]
-        # the same selection and order as LinearExperts2D.forward
-        top_k_position, token_indices = torch.where(top_k_index.t() == index)
+        top_k_position, token_indices = expert_token_rows(top_k_index, index)
         routing_weights = top_k_weights[token_indices, top_k_position].float()
         if input_rows == token_indices.numel():
             rows = torch.arange(input_rows, device=token_indices.device)
@@ -119,5 +119,28 @@ def expert_token_weights(scores: torch.Tensor, route: ExpertRoute, iqr_k: float 
     routed = route.rows.numel()
     if routed:
         routed_scores = scores.float() * route.routing_weights.to(scores.device).unsqueeze(0)
-        weights[route.rows.to(scores.device)] = token_weights(routed_scores, None, iqr_k)[0] * routed
+        weights[route.rows.to(scores.device)] = calibration_token_weights(routed_scores, None, iqr_k)[0]
     return weights
+
+
+class ExpertRoutingHooks(BaseModel):
+    """Pydantic mixin for a modifier: records the routing of every linearized experts module on each call.
+
+    Call :meth:`start_expert_routing` at calibration start (it registers the modifier's hooks) and
+    :meth:`stop_expert_routing` at its end; in between, :attr:`expert_routing` answers which rows of an
+    expert's input are which tokens.
+    """
+
+    _expert_routing: ExpertRouting | None = PrivateAttr(default=None)
+
+    @property
+    def expert_routing(self) -> ExpertRouting:
+        return self._expert_routing
+
+    def start_expert_routing(self, model: torch.nn.Module) -> None:
+        self._expert_routing = ExpertRouting(model)
+        for experts in self._expert_routing.experts_modules:
+            self.register_hook(experts, self._expert_routing.record_hook, "forward_pre", with_kwargs=True)
+
+    def stop_expert_routing(self) -> None:
+        self._expert_routing = None

@@ -12,13 +12,10 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
-from compressed_tensors.quantization import QuantizationArgs
-from compressed_tensors.utils import match_name
-from llmcompressor.modifiers.transform.awq.base import get_lowest_common_ancestor_with_avoid
-from llmcompressor.modifiers.transform.awq.dynamic_mappings import get_layer_mappings_from_model
-from llmcompressor.modifiers.transform.smoothquant.dynamic_mappings import (
-    get_layer_mappings_from_model as get_smoothquant_mappings_from_model,
-)
+from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+from compressed_tensors.utils import match_name, match_named_modules
+
+from qig_plugin.upstream import awq_mappings_of, get_lowest_common_ancestor_with_avoid, smoothquant_mappings_of
 
 
 @dataclass
@@ -41,7 +38,7 @@ class SubLayerGroup:
 
 
 def _make_group(
-    model: torch.nn.Module, names: list[str], block_name: str, targeted: set[torch.nn.Module]
+    model: torch.nn.Module, names: list[str], block_name: str, schemes: dict[torch.nn.Module, QuantizationScheme]
 ) -> SubLayerGroup:
     block = model.get_submodule(block_name)
     linears = [model.get_submodule(name) for name in names]
@@ -49,20 +46,22 @@ def _make_group(
         block=block,
         block_name=block_name,
         linears=linears,
-        weight_args={m: m.quantization_scheme.weights for m in block.modules() if m in targeted},
-        input_args=linears[0].quantization_scheme.input_activations,
+        weight_args={m: schemes[m].weights for m in block.modules() if m in schemes},
+        input_args=schemes[linears[0]].input_activations,
     )
 
 
-def resolve_groups(model: torch.nn.Module, linear_names: list[str]) -> list[SubLayerGroup]:
+def resolve_groups(model: torch.nn.Module, schemes: dict[str, QuantizationScheme]) -> list[SubLayerGroup]:
     """Partition the targeted linears of ``model`` into sub-layer groups.
 
-    :param model: the model, with quantization schemes attached to its targeted linears
-    :param linear_names: names of the linears being calibrated
+    :param model: the model
+    :param schemes: name of each linear being calibrated -> its quantization scheme (the one
+        attached to it in calibration, or the one a recipe would attach)
     :return: one group per block, in model order
     """
-    balance_sets = [m.balance_layers for m in get_layer_mappings_from_model(model)]
-    balance_sets += [m.balance_layers for m in get_smoothquant_mappings_from_model(model)]
+    linear_names = list(schemes)
+    balance_sets = [m.balance_layers for m in awq_mappings_of(model)]
+    balance_sets += [m.balance_layers for m in smoothquant_mappings_of(model)]
     shared_input_sets = [patterns for patterns in balance_sets if len(patterns) > 1]
     members: dict[tuple[int, str], list[str]] = defaultdict(list)
     for name in linear_names:
@@ -74,7 +73,7 @@ def resolve_groups(model: torch.nn.Module, linear_names: list[str]) -> list[SubL
         parent = name.rsplit(".", 1)[0] if set_index is not None else name
         members[(set_index, parent)].append(name)
 
-    targeted = {model.get_submodule(name) for name in linear_names}
+    targeted = {model.get_submodule(name): scheme for name, scheme in schemes.items()}
     groups = []
     for names in members.values():
         block_name = names[0]
@@ -83,3 +82,16 @@ def resolve_groups(model: torch.nn.Module, linear_names: list[str]) -> list[SubL
         groups.append(_make_group(model, names, block_name, targeted))
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     return sorted(groups, key=lambda g: order[g.block_name])
+
+
+def targeted_linears(model: torch.nn.Module, config: QuantizationConfig) -> dict[str, QuantizationScheme]:
+    """The linears a quantization config targets -> their scheme, without attaching anything to ``model``.
+
+    :param config: e.g. a quantizing modifier's ``resolve_quantization_config()``; its ``ignore`` applies
+    """
+    schemes = {}
+    for scheme in config.config_groups.values():
+        for name, module in match_named_modules(model, scheme.targets, config.ignore or []):
+            if isinstance(module, torch.nn.Linear) and scheme.weights is not None:
+                schemes.setdefault(name, scheme)
+    return schemes

@@ -17,13 +17,13 @@ from functools import partial
 
 import torch
 from llmcompressor.core import Event, State, active_session
-from llmcompressor.modifiers.transform.awq.mappings import ResolvedMapping
 from llmcompressor.utils.helpers import DisableQuantization, eval_context
 from pydantic import PrivateAttr
 
 from qig_plugin.attribution.weighted_calibration import modality_ratios
 from qig_plugin.modifiers.language_model import decoder_layers
 from qig_plugin.modifiers.weighted_awq import TokenWeightedAWQModifier
+from qig_plugin.upstream import ResolvedMapping
 
 __all__ = ["MBQModifier"]
 
@@ -54,7 +54,7 @@ class MBQModifier(TokenWeightedAWQModifier):
         super().on_calibration_end(state, event, **kwargs)
         self._vision_masks.clear()
 
-    def _mapping_token_weights(
+    def mapping_token_weights(
         self, mapping: ResolvedMapping, keeps: list[torch.Tensor | None]
     ) -> list[torch.Tensor]:
         ratio = self._mapping_ratio(mapping)

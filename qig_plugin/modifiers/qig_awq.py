@@ -12,11 +12,12 @@ score through the expert times their routing weight (:mod:`qig_plugin.modifiers.
 from functools import partial
 
 import torch
-from llmcompressor.modifiers.transform.awq.mappings import ResolvedMapping
 
-from qig_plugin.modifiers.block_attribution import QIGAttribution, block_input, quantized_linears
+from qig_plugin.attribution import block_input
+from qig_plugin.modifiers.block_attribution import QIGAttribution, quantized_linears
 from qig_plugin.modifiers.experts import expert_token_weights, routed_call
 from qig_plugin.modifiers.weighted_awq import TokenWeightedAWQModifier
+from qig_plugin.upstream import ResolvedMapping
 
 __all__ = ["QIGAWQModifier"]
 
@@ -32,13 +33,13 @@ class QIGAWQModifier(QIGAttribution, TokenWeightedAWQModifier):
     Needs a ``QuantizationModifier`` or ``GPTQModifier`` after it, like stock AWQ.
     """
 
-    def _mapping_token_weights(
+    def mapping_token_weights(
         self, mapping: ResolvedMapping, keeps: list[torch.Tensor | None]
     ) -> list[torch.Tensor]:
         attribute = partial(
             self.qig_scores, mapping.parent, quantized_linears(mapping.parent), input_linears=mapping.balance_layers
         )
-        batches = self._parent_args_cache[mapping.parent]
+        batches = self.cached_parent_calls(mapping)
         if len(batches) != len(keeps):
             raise RuntimeError(
                 f"{mapping.parent_name}: {len(batches)} cached batches but {len(keeps)} token masks"
@@ -46,10 +47,9 @@ class QIGAWQModifier(QIGAttribution, TokenWeightedAWQModifier):
         routes = self._expert_routes.pop(mapping.parent, None)
         if routes is None:
             return [self.qig_weights(attribute((), kwargs), keep) for kwargs, keep in zip(batches, keeps)]
-        iqr_k = self.qig_iqr_k if self.qig_iqr_clip else None
         weights = []
         for kwargs, route in zip(batches, routes):
             position, _ = block_input((), kwargs)
             routed_args, routed_kwargs = routed_call((), kwargs, position, route)
-            weights.append(expert_token_weights(attribute(routed_args, routed_kwargs), route, iqr_k))
+            weights.append(expert_token_weights(attribute(routed_args, routed_kwargs), route, self.iqr_multiplier))
         return weights

@@ -15,17 +15,18 @@ from typing import Any, Literal
 import torch
 from compressed_tensors.utils import match_named_modules
 from llmcompressor.core import Event, State
-from llmcompressor.modifiers.gptq import GPTQModifier
 from pydantic import PrivateAttr
 
-from qig_plugin.modifiers.block_attribution import QIGAttribution, block_input
-from qig_plugin.modifiers.experts import ExpertRouting, expert_token_weights, routed_call
+from qig_plugin.attribution import block_input
+from qig_plugin.modifiers.block_attribution import QIGAttribution
+from qig_plugin.modifiers.experts import ExpertRoutingHooks, expert_token_weights, routed_call
 from qig_plugin.modifiers.groups import SubLayerGroup, resolve_groups
+from qig_plugin.upstream import GPTQSeam
 
 __all__ = ["QIGGPTQModifier"]
 
 
-class QIGGPTQModifier(QIGAttribution, GPTQModifier):
+class QIGGPTQModifier(QIGAttribution, ExpertRoutingHooks, GPTQSeam):
     """GPTQ with QIG token weights in the Hessian. Takes every ``GPTQModifier`` field, the
     ``qig_*`` fields of :class:`QIGAttribution` (steps, rule, IQR clipping, padding mask), and:
 
@@ -40,16 +41,15 @@ class QIGGPTQModifier(QIGAttribution, GPTQModifier):
     _qig_groups: list[SubLayerGroup] = PrivateAttr(default_factory=list)
     _qig_group_of: dict[torch.nn.Module, SubLayerGroup] = PrivateAttr(default_factory=dict)
     _pending_weights: dict[torch.nn.Module, torch.Tensor] = PrivateAttr(default_factory=dict)
-    _expert_routing: ExpertRouting | None = PrivateAttr(default=None)
 
     def on_calibration_start(self, state: State, event: Event, **kwargs):
         super().on_calibration_start(state, event, **kwargs)
-        names = [
-            name
+        schemes = {
+            name: module.quantization_scheme
             for name, module in match_named_modules(state.model, self.resolved_targets, self.ignore)
-            if isinstance(module, torch.nn.Linear) and module in self._module_names
-        ]
-        self._qig_groups = resolve_groups(state.model, names)
+            if isinstance(module, torch.nn.Linear) and self.calibrated_module_name(module) is not None
+        }
+        self._qig_groups = resolve_groups(state.model, schemes)
         self._qig_group_of = {linear: group for group in self._qig_groups for linear in group.linears}
         if self.qig_baseline == "quantized":
             weight_only = [g.block_name for g in self._qig_groups if g.input_args is None]
@@ -59,9 +59,7 @@ class QIGGPTQModifier(QIGAttribution, GPTQModifier):
                     f"{weight_only[0]} is weight-only (its quantized input equals its input); "
                     "use qig_baseline: zero"
                 )
-        self._expert_routing = ExpertRouting(state.model)
-        for experts in self._expert_routing.experts_modules:
-            self.register_hook(experts, self._record_routing, "forward_pre", with_kwargs=True)
+        self.start_expert_routing(state.model)
         for group in self._qig_groups:
             self.register_hook(
                 group.block, partial(self._attribute_group, group), "forward_pre", with_kwargs=True
@@ -75,7 +73,7 @@ class QIGGPTQModifier(QIGAttribution, GPTQModifier):
         weights = self._pending_weights.pop(module, None)
         if weights is None and args[0].ndim == 3 and module in self._qig_group_of:
             raise ValueError(
-                f"QIG could not place {self._module_names.get(module, type(module).__name__)}: it ran on a "
+                f"QIG could not place {self.calibrated_module_name(module) or type(module).__name__}: it ran on a "
                 f"[batch, seq, features] input without its sub-layer group's block "
                 f"({self._qig_group_of[module].block_name}) running first on this batch, so it has no token "
                 "weights (the model calls it outside that block, or twice per block call). Quantize it with a "
@@ -91,30 +89,37 @@ class QIGGPTQModifier(QIGAttribution, GPTQModifier):
         super().on_calibration_end(state, event, **kwargs)
         self._pending_weights.clear()
         self._qig_token_mask = None
-        self._expert_routing = None
+        self.stop_expert_routing()
         self._qig_group_of.clear()
 
-    def _record_routing(self, experts, args: tuple, kwargs: dict[str, Any]):
-        self._expert_routing.record(experts, args, kwargs)
+    def group_weights(
+        self, group: SubLayerGroup, args: tuple, kwargs: dict[str, Any]
+    ) -> dict[torch.nn.Module, torch.Tensor]:
+        """Token weights of each linear of ``group`` on one call of its block (empty when it has none).
 
-    # forward pre-hook of a group's block: compute lambda for its linears on this batch
-    def _attribute_group(self, group: SubLayerGroup, block, args: tuple, kwargs: dict[str, Any]):
+        :return: ``[batch, seq]`` weights for a ``[batch, seq, hidden]`` block input, ``[rows]`` for an
+            expert's ``[rows, hidden]`` input
+        """
         position, block_in = block_input(args, kwargs)
+        block = group.block
         baseline_args = None if self.qig_baseline == "zero" else group.input_args
-        if block_in.ndim == 2 and self._expert_routing.is_expert(block):
-            route = self._expert_routing.route(block, block_in.shape[0])
+        if block_in.ndim == 2 and self.expert_routing.is_expert(block):
+            route = self.expert_routing.route(block, block_in.shape[0])
             if route is None:
-                return
+                return {}
             routed_args, routed_kwargs = routed_call(args, kwargs, position, route)
             scores = self.qig_scores(
                 block, group.weight_args, routed_args, routed_kwargs, baseline_args, group.linears
             )
-            weights = expert_token_weights(scores, route, self.qig_iqr_k if self.qig_iqr_clip else None)
+            weights = expert_token_weights(scores, route, self.iqr_multiplier)
         elif block_in.ndim == 3:
-            keep = self._token_mask(block_in, kwargs)
+            keep = self.token_mask(block_in, kwargs)
             scores = self.qig_scores(block, group.weight_args, args, kwargs, baseline_args, group.linears)
             weights = self.qig_weights(scores, keep)
         else:
-            return
-        for linear in group.linears:
-            self._pending_weights[linear] = weights
+            return {}
+        return dict.fromkeys(group.linears, weights)
+
+    # forward pre-hook of a group's block: lambda for its linears on this batch, until they calibrate
+    def _attribute_group(self, group: SubLayerGroup, _block, args: tuple, kwargs: dict[str, Any]):
+        self._pending_weights.update(self.group_weights(group, args, kwargs))

@@ -8,34 +8,33 @@ relative QIG weight computed through the balance layers' parent block (attention
 q/k/v, the MLP for gate/up) on that batch, and padding is left out of the min and max
 (see :func:`~qig_plugin.attribution.weighted_calibration.weighted_channel_range` for why
 a weighted abs-max). The smoothing itself, and the GPTQ stage after it, are stock, except
-that distributed (see :meth:`QIGSmoothQuantModifier._apply_smoothing`) every rank reads the
-unsmoothed weights before any rank writes the smoothed ones.
+that distributed every rank reads the unsmoothed weights before any rank writes the smoothed
+ones (:class:`~qig_plugin.upstream.SmoothQuantSeam`).
 """
 
 from functools import partial
 from typing import Any
 
 import torch
-import torch.distributed as dist
-from compressed_tensors.offload import update_offload_parameter
-from compressed_tensors.offload.dist_utils import is_distributed
 from llmcompressor.core import Event, State
-from llmcompressor.modifiers.transform.awq.base import get_lowest_common_ancestor_with_avoid
-from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
-from llmcompressor.modifiers.transform.smoothquant.base import MINIMUM_SMOOTHING_SCALE, SmoothQuantScale
-from llmcompressor.modifiers.transform.smoothquant.dynamic_mappings import get_layer_mappings_from_model
 from llmcompressor.utils.pytorch.module import get_module_to_name_dict
-from loguru import logger
 from pydantic import PrivateAttr
 
+from qig_plugin.attribution import block_input
 from qig_plugin.attribution.weighted_calibration import weighted_channel_range
-from qig_plugin.modifiers.block_attribution import QIGAttribution, block_input, quantized_linears
+from qig_plugin.modifiers.block_attribution import QIGAttribution, quantized_linears
 from qig_plugin.modifiers.language_model import language_model_name, scope_to_language_model
+from qig_plugin.upstream import (
+    SmoothQuantScale,
+    SmoothQuantSeam,
+    get_lowest_common_ancestor_with_avoid,
+    smoothquant_mappings_of,
+)
 
 __all__ = ["QIGSmoothQuantModifier"]
 
 
-class QIGSmoothQuantModifier(QIGAttribution, SmoothQuantModifier):
+class QIGSmoothQuantModifier(QIGAttribution, SmoothQuantSeam):
     """SmoothQuant with QIG-weighted activation ranges. Takes every ``SmoothQuantModifier``
     field and the ``qig_*`` fields of
     :class:`~qig_plugin.modifiers.block_attribution.QIGAttribution`.
@@ -50,14 +49,13 @@ class QIGSmoothQuantModifier(QIGAttribution, SmoothQuantModifier):
     # parent block's pre-hook (which runs right after) weights it
     _held_outputs: dict[str, torch.Tensor] = PrivateAttr(default_factory=dict)
 
-    def _infer_mappings_from_model(self, model: torch.nn.Module) -> list:
-        if self.mappings is not None:
-            return self.mappings
+    def default_mappings(self, model: torch.nn.Module) -> list:
+        """Stock SmoothQuant's mappings for ``model``, scoped to its language model."""
         prefix = language_model_name(model)
         return [
             [[scope_to_language_model(b, prefix) for b in m.balance_layers],
              scope_to_language_model(m.smooth_layers, prefix)]
-            for m in get_layer_mappings_from_model(model)
+            for m in smoothquant_mappings_of(model)
         ]
 
     def on_calibration_start(self, state: State, event: Event, **kwargs):
@@ -87,7 +85,7 @@ class QIGSmoothQuantModifier(QIGAttribution, SmoothQuantModifier):
     ):
         output = self._held_outputs.pop(smooth_name)
         _, block_in = block_input(args, kwargs)
-        keep = self._token_mask(block_in, kwargs)
+        keep = self.token_mask(block_in, kwargs)
         scores = self.qig_scores(block, quantized_linears(block), args, kwargs, input_linears=balance_layers)
         weights = self.qig_weights(scores, keep)
         low, high = weighted_channel_range(output, weights, keep)
@@ -97,41 +95,3 @@ class QIGSmoothQuantModifier(QIGAttribution, SmoothQuantModifier):
             scale.max_channel_vals = torch.maximum(scale.max_channel_vals, high)
         else:
             self.scales_[smooth_name] = SmoothQuantScale(min_channel_vals=low, max_channel_vals=high)
-
-    @torch.no_grad()
-    def _apply_smoothing(self, model: torch.nn.Module):
-        """Stock smoothing, made safe for ranks that share their weights.
-
-        llm-compressor 0.14 loads a distributed model on CPU into shared memory (its
-        ``DistributedCPUCache``: rank 0's tensors, mapped by every other rank), and stock
-        SmoothQuant has every rank smooth in place: each reads ``W``, writes ``W / s``. A
-        rank that reads after another has written divides a second time (``W / s^2``),
-        so which ranks, and which layers, end up smoothed twice depends on timing.
-        Here every rank computes each mapping's new weights from the unsmoothed ones,
-        waits for all ranks to have read, then writes them: the writes are identical, so
-        shared and per-rank (accelerator) copies alike end up with ``W / s`` once. One
-        mapping at a time, so a layer shared by two mappings sees the first's update.
-        """
-        if not is_distributed():
-            return super()._apply_smoothing(model)
-        self._reduce_activation_scales()
-        for mapping in self.resolved_mappings_:
-            if mapping.smooth_name not in self.scales_:
-                continue
-            logger.info(f"Smoothing with {mapping.smooth_name}")
-            scale = self.scales_.pop(mapping.smooth_name)
-            scales = self._calculate_smoothing_scales(
-                mapping.balance_layers, scale.max_channel_vals - scale.min_channel_vals
-            )
-            scales = torch.maximum(scales, torch.Tensor([MINIMUM_SMOOTHING_SCALE]).to(scales.device))
-            updates = [(layer, "weight", layer.weight * scales.view(1, -1)) for layer in mapping.balance_layers]
-            smooth_layer = mapping.smooth_layer
-            weight = smooth_layer.weight
-            smoothed = weight / scales if weight.ndim == 1 else weight / scales.view(-1, 1)
-            updates.append((smooth_layer, "weight", smoothed))
-            if getattr(smooth_layer, "bias", None) is not None:
-                updates.append((smooth_layer, "bias", smooth_layer.bias / scales))
-            dist.barrier()  # every rank has read the unsmoothed weights
-            for module, name, value in updates:
-                update_offload_parameter(module, name, value)
-            dist.barrier()  # and every rank has written before any reads again

@@ -4,7 +4,7 @@ Stock AWQ picks, per mapping, the scale ``s = x_mean^alpha`` whose ``Q(W s) / s`
 output is closest to the full-precision one, by an unweighted MSE over tokens. Here the
 loss is ``sum_t lambda_t e_t / (H sum_t lambda_t)`` (MAE or MSE per element), ``lambda``
 (``[batch, seq]`` per cached batch) comes from the subclass's one seam,
-``_mapping_token_weights``, and padding counts neither in the loss nor in ``x_mean``.
+``mapping_token_weights``, and padding counts neither in the loss nor in ``x_mean``.
 Everything else (grid, duo scaling, folding, the following quantization stage) is stock.
 """
 
@@ -14,31 +14,31 @@ import torch
 import torch.distributed as dist
 from compressed_tensors.distributed import is_distributed
 from llmcompressor.core import Event, State
-from llmcompressor.modifiers.transform.awq import AWQModifier
-from llmcompressor.modifiers.transform.awq.dynamic_mappings import get_layer_mappings_from_model
-from llmcompressor.modifiers.transform.awq.mappings import AWQMapping, ResolvedMapping
 from pydantic import PrivateAttr
 
+from qig_plugin.attribution import block_input
 from qig_plugin.attribution.weighted_calibration import (
     LossMode,
     masked_channel_abs_sum,
     weighted_reconstruction_error,
 )
-from qig_plugin.modifiers.block_attribution import TokenMasking, block_input
-from qig_plugin.modifiers.experts import ExpertRoute, ExpertRouting
+from qig_plugin.modifiers.block_attribution import TokenMasking
+from qig_plugin.modifiers.experts import ExpertRoute, ExpertRoutingHooks
 from qig_plugin.modifiers.language_model import language_model_name, scope_to_language_model
+from qig_plugin.upstream import AWQMapping, AWQSearchSeam, ResolvedMapping, awq_mappings_of
 
 __all__ = ["TokenWeightedAWQModifier"]
 
 
-class TokenWeightedAWQModifier(TokenMasking, AWQModifier):
+class TokenWeightedAWQModifier(TokenMasking, ExpertRoutingHooks, AWQSearchSeam):
     """AWQ with token weights in the grid-search loss. Takes every ``AWQModifier`` field, plus:
 
     :param loss_mode: ``"mae"`` (the QIG and MBQ references) or ``"mse"`` (stock AWQ)
 
     Without ``mappings``, the model's default AWQ mappings are scoped to its language
     model, so a VLM's vision tower never matches. On CPU-only torch, the cached batches
-    are not pinned (llm-compressor 0.14.0.1 pins unconditionally and fails there).
+    are not pinned (llm-compressor 0.14.0.1 pins unconditionally and fails there; see
+    :class:`~qig_plugin.upstream.AWQSearchSeam`).
     """
 
     loss_mode: LossMode = "mae"
@@ -49,24 +49,23 @@ class TokenWeightedAWQModifier(TokenMasking, AWQModifier):
     _kept_activation_stats: dict[str, list[torch.Tensor]] = PrivateAttr(default_factory=dict)
     # the weights [batch, seq] of each cached batch of the mapping being searched
     _loss_weights: list[torch.Tensor] | None = PrivateAttr(default=None)
-    # MoE: the routing of every linearized experts module, and per expert parent (a 2-D input of
-    # routed rows, e.g. an expert's down_proj) each calibration batch's routed rows
-    _expert_routing: ExpertRouting | None = PrivateAttr(default=None)
+    # MoE: per expert parent (a 2-D input of routed rows, e.g. an expert's down_proj) each
+    # calibration batch's routed rows
     _expert_routes: dict[torch.nn.Module, list[ExpertRoute]] = PrivateAttr(default_factory=dict)
 
-    def _mapping_token_weights(
+    def mapping_token_weights(
         self, mapping: ResolvedMapping, keeps: list[torch.Tensor | None]
     ) -> list[torch.Tensor]:
         """Token weights ``[batch, seq]`` of each cached batch of ``mapping.parent``.
 
         :param mapping: the mapping about to be searched; its cached parent kwargs are
-            ``self._parent_args_cache[mapping.parent]``, in calibration-batch order
+            ``self.cached_parent_calls(mapping)``, in calibration-batch order
         :param keeps: per batch, the tokens that count ``[batch, seq]`` (None: all);
             masked tokens must get weight 0. For a parent inside a MoE expert (2-D inputs
             ``[rows, features]``), ``self._expert_routes[mapping.parent]`` holds each batch's
             routed rows instead, and the weights are ``[rows]``.
         """
-        raise NotImplementedError(f"{type(self).__name__} must define _mapping_token_weights")
+        raise NotImplementedError(f"{type(self).__name__} must define mapping_token_weights")
 
     def on_initialize(self, state: State, **kwargs) -> bool:
         if self.mappings is None:
@@ -77,16 +76,14 @@ class TokenWeightedAWQModifier(TokenMasking, AWQModifier):
                     [scope_to_language_model(b, prefix) for b in m.balance_layers],
                     activation_hook_target=m.activation_hook_target,
                 )
-                for m in get_layer_mappings_from_model(state.model)
+                for m in awq_mappings_of(state.model)
             ]
         return super().on_initialize(state, **kwargs)
 
     def on_calibration_start(self, state: State, event: Event, **kwargs):
         super().on_calibration_start(state, event, **kwargs)
-        self._expert_routing = ExpertRouting(state.model)
-        for experts in self._expert_routing.experts_modules:
-            self.register_hook(experts, self._record_routing, "forward_pre", with_kwargs=True)
-        for mapping in self._resolved_mappings:
+        self.start_expert_routing(state.model)
+        for mapping in self.resolved_mappings:
             if mapping.parent not in self._token_keeps:
                 self._token_keeps[mapping.parent] = []
                 self.register_hook(
@@ -103,48 +100,39 @@ class TokenWeightedAWQModifier(TokenMasking, AWQModifier):
         self._token_keeps.clear()
         self._kept_activation_stats.clear()
         self._qig_token_mask = None
-        self._expert_routing = None
+        self.stop_expert_routing()
         self._expert_routes.clear()
 
-    def _apply_smoothing(self, model: torch.nn.Module) -> None:
-        if not torch.accelerator.is_available():
-            for cache in self._parent_args_cache.values():
-                cache.pin_memory = _skip_pinning
-        super()._apply_smoothing(model)
-
-    def _compute_best_scale(self, mapping: ResolvedMapping, fp16_outputs, orig_layer_weights) -> torch.Tensor:
+    def before_scale_search(self, mapping: ResolvedMapping) -> None:
+        """The mapping's kept-token activation mean and token weights, right before its grid search."""
         keeps = self._token_keeps.pop(mapping.parent)
-        self._smooth_activation_stats[mapping.smooth_name] = self._kept_activation_stats.pop(mapping.smooth_name)
-        self._loss_weights = self._mapping_token_weights(mapping, keeps)
-        try:
-            return super()._compute_best_scale(mapping, fp16_outputs, orig_layer_weights)
-        finally:
-            self._loss_weights = None
+        self.set_activation_sum(mapping, *self._kept_activation_stats.pop(mapping.smooth_name))
+        self._loss_weights = self.mapping_token_weights(mapping, keeps)
 
-    def _compute_loss(self, fp16_outputs: list[torch.Tensor], int_w_outputs: list[torch.Tensor]) -> float:
+    def after_scale_search(self, mapping: ResolvedMapping) -> None:
+        self._loss_weights = None
+
+    def search_loss(self, fp_outputs: list[torch.Tensor], candidate_outputs: list[torch.Tensor]) -> float:
         """The weighted loss over this process's batches or, distributed, over every rank's (as stock AWQ sums)."""
-        loss = weighted_reconstruction_error(fp16_outputs, int_w_outputs, self._loss_weights, self.loss_mode)
+        loss = weighted_reconstruction_error(fp_outputs, candidate_outputs, self._loss_weights, self.loss_mode)
         if not is_distributed():
             return loss
         # numerator and denominator summed over ranks, so every rank picks the same scales
         denominator = sum(
-            (lam.double().sum().item() * out.shape[-1] for lam, out in zip(self._loss_weights, fp16_outputs)), 0.0
+            (lam.double().sum().item() * out.shape[-1] for lam, out in zip(self._loss_weights, fp_outputs)), 0.0
         )
         sums = torch.tensor([loss * denominator, denominator], dtype=torch.float64, device=_collective_device())
         dist.all_reduce(sums, op=dist.ReduceOp.SUM)
         return (sums[0] / sums[1]).item()
 
-    def _record_routing(self, experts, args: tuple, kwargs: dict):
-        self._expert_routing.record(experts, args, kwargs)
-
     # forward pre-hook of a mapping parent: the kept tokens of this batch (an expert's: its routed rows)
     def _record_keep(self, parent: torch.nn.Module, _module, args: tuple, kwargs: dict):
         _, block_in = block_input(args, kwargs)
-        if block_in.ndim == 2 and self._expert_routing.is_expert(parent):
-            self._expert_routes.setdefault(parent, []).append(self._expert_routing.route(parent, block_in.shape[0]))
+        if block_in.ndim == 2 and self.expert_routing.is_expert(parent):
+            self._expert_routes.setdefault(parent, []).append(self.expert_routing.route(parent, block_in.shape[0]))
             self._token_keeps[parent].append(None)
             return
-        self._token_keeps[parent].append(self._token_mask(block_in, kwargs))
+        self._token_keeps[parent].append(self.token_mask(block_in, kwargs))
 
     # forward hook of the hooked balance layer: x_mean's sum and count over kept tokens only
     def _accumulate_kept_activations(self, mapping: ResolvedMapping, _module, args: tuple, _output):
@@ -164,6 +152,3 @@ def _collective_device() -> torch.device:
     accelerator = torch.accelerator.current_accelerator()
     return torch.device(accelerator.type, torch.accelerator.current_device_index())
 
-
-def _skip_pinning(batch_index: int, input_names: list[str] | None = None) -> None:
-    """``IntermediatesCache.pin_memory`` for CPU-only torch, where pinning has no target and raises."""

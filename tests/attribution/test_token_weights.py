@@ -55,7 +55,7 @@ def test_qig_token_scores_match_brute_force(baseline_kind):
     q_fn = lambda z: block(z, quantized_up)
     x = torch.randn(2, 5, 8, dtype=torch.float64)
     baseline = None if baseline_kind == "zero" else (x * 8).round() / 8
-    scores, used = qig_token_scores(fp_fn, q_fn, x, baseline, steps=3, rule="gauss_legendre")
+    scores, used, _ = qig_token_scores(fp_fn, q_fn, x, baseline, steps=3, rule="gauss_legendre")
     assert used == 3
 
     nodes, weights = quadrature(3, "gauss_legendre")
@@ -95,12 +95,12 @@ def test_few_nodes_are_kept_only_when_complete():
     two_nodes = integrated_gradients(objective, x, steps=2)
     error = abs(two_nodes.sum().item() - change) / abs(change)
 
-    loose, loose_used = qig_token_scores(fp_fn, q_fn, x, steps=6, min_steps=2, completeness_tol=2 * error)
+    loose, loose_used, _ = qig_token_scores(fp_fn, q_fn, x, steps=6, min_steps=2, completeness_tol=2 * error)
     assert loose_used == 2
     assert torch.allclose(loose, two_nodes.abs().mean(-1))
 
     # a failed count is retaken with half again as many nodes: 2, 3, 4, then steps
-    strict, strict_used = qig_token_scores(fp_fn, q_fn, x, steps=6, min_steps=2, completeness_tol=error / 2)
+    strict, strict_used, _ = qig_token_scores(fp_fn, q_fn, x, steps=6, min_steps=2, completeness_tol=error / 2)
     assert strict_used in (3, 4, 6)
     assert torch.allclose(strict, integrated_gradients(objective, x, steps=strict_used).abs().mean(-1))
     for count in range(2, strict_used):
@@ -108,7 +108,7 @@ def test_few_nodes_are_kept_only_when_complete():
             retaken = integrated_gradients(objective, x, steps=count)
             assert abs(retaken.sum().item() - change) > error / 2 * abs(change)
 
-    exact, exact_used = qig_token_scores(fp_fn, q_fn, x, steps=6, min_steps=2, completeness_tol=0.0)
+    exact, exact_used, _ = qig_token_scores(fp_fn, q_fn, x, steps=6, min_steps=2, completeness_tol=0.0)
     assert exact_used == 6
     assert torch.allclose(exact, integrated_gradients(objective, x, steps=6).abs().mean(-1))
 

@@ -62,7 +62,7 @@ def test_a_single_linear_takes_the_closed_form_of_its_path_integral(biased_llama
     closed_form = modifier.qig_scores(block, {block: W4_GROUP32}, args, kwargs, input_linears=[block])
     q_weight = fake_quantize_weight(block.weight, W4_GROUP32)
     x = args[0].detach().float()
-    path_integral, _ = qig_token_scores(block, lambda z: torch.nn.functional.linear(z, q_weight, block.bias), x,
+    path_integral, _, _ = qig_token_scores(block, lambda z: torch.nn.functional.linear(z, q_weight, block.bias), x,
                                         steps=6)
     assert closed_form.shape == (2, 9) and closed_form.min() > 0
     assert torch.allclose(closed_form, path_integral, rtol=1e-4, atol=1e-7)

@@ -101,7 +101,7 @@ def test_every_qig_modifier_quantizes_the_text_decoder_of_every_family(family, m
     assert decoder_layer_class(tiny.model) == tiny.sequential_target
 
     recorded = []
-    weight_seam = "_mapping_token_weights" if modifier is MBQModifier else "qig_weights"
+    weight_seam = "mapping_token_weights" if modifier is MBQModifier else "qig_weights"
     real_seam = getattr(modifier, weight_seam)
 
     def record(self, *args):

@@ -39,14 +39,14 @@ def test_gemma3_attention_is_attributed_with_each_layers_own_mask(tmp_path, monk
     text = tiny.model.config.get_text_config()
     assert text.layer_types == ["sliding_attention", "full_attention"]
     masks = {}
-    real = QIGGPTQModifier._attribute_group
+    real = QIGGPTQModifier.group_weights
 
-    def record(self, group, block, args, kwargs):
+    def record(self, group, args, kwargs):
         if group.block_name.endswith("self_attn"):
             masks.setdefault(group.block_name, _may_attend(kwargs["attention_mask"]))
-        return real(self, group, block, args, kwargs)
+        return real(self, group, args, kwargs)
 
-    monkeypatch.setattr(QIGGPTQModifier, "_attribute_group", record)
+    monkeypatch.setattr(QIGGPTQModifier, "group_weights", record)
     quantize_to_checkpoint(tiny.model, tiny.processor, _recipe(tiny.ignore), tiny.dataset, tmp_path / "out")
 
     layers_name, _ = decoder_layers(tiny.model)
@@ -68,14 +68,14 @@ def test_qwen3_vl_deepstack_features_reach_the_next_layers_attribution(tmp_path,
     layers[1].register_forward_pre_hook(
         lambda m, args, kwargs: layer1_inputs.append(args[0] if args else kwargs["hidden_states"]), with_kwargs=True
     )
-    real = QIGGPTQModifier._attribute_group
+    real = QIGGPTQModifier.group_weights
 
-    def record(self, group, block, args, kwargs):
-        if block is layers[1].self_attn:
+    def record(self, group, args, kwargs):
+        if group.block is layers[1].self_attn:
             attributed.append(True)
-        return real(self, group, block, args, kwargs)
+        return real(self, group, args, kwargs)
 
-    monkeypatch.setattr(QIGGPTQModifier, "_attribute_group", record)
+    monkeypatch.setattr(QIGGPTQModifier, "group_weights", record)
     quantize_to_checkpoint(tiny.model, tiny.processor, _recipe(tiny.ignore), tiny.dataset, tmp_path / "out")
 
     injected = (layer1_inputs[-1] - layer0_outputs[-1])[0].abs().amax(-1)  # [seq], the last batch

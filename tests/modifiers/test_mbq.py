@@ -21,7 +21,7 @@ quant_stage:
 def test_mbq_ratios_are_finite_floored_and_weight_the_vision_tokens(tmp_path, monkeypatch):
     tiny = tiny_idefics3(tmp_path / "model")
     ratios, weights = [], []
-    real_ratios, real_weights = MBQModifier._gradient_ratios, MBQModifier._mapping_token_weights
+    real_ratios, real_weights = MBQModifier._gradient_ratios, MBQModifier.mapping_token_weights
 
     def record_ratios(self, state, layers, image_token):
         ratios.append(real_ratios(self, state, layers, image_token))
@@ -32,7 +32,7 @@ def test_mbq_ratios_are_finite_floored_and_weight_the_vision_tokens(tmp_path, mo
         return weights[-1][1]
 
     monkeypatch.setattr(MBQModifier, "_gradient_ratios", record_ratios)
-    monkeypatch.setattr(MBQModifier, "_mapping_token_weights", record_weights)
+    monkeypatch.setattr(MBQModifier, "mapping_token_weights", record_weights)
     quantize_to_checkpoint(tiny.model, tiny.processor, RECIPE, tiny.dataset, tmp_path / "checkpoint")
 
     layers = tiny.model.config.get_text_config().num_hidden_layers

@@ -67,7 +67,7 @@ def test_routes_name_the_same_tokens_in_all_experts_and_routed_only_modes(moe):
     experts = next(m for m in model.modules() if isinstance(m, LinearExperts2D))
     routing = ExpertRouting(model)
     seen = []
-    experts.register_forward_pre_hook(lambda m, args, kwargs: routing.record(m, args, kwargs), with_kwargs=True)
+    experts.register_forward_pre_hook(lambda m, args, kwargs: routing.record_hook(m, args, kwargs), with_kwargs=True)
     for index in range(NUM_EXPERTS):
         experts[index].register_forward_pre_hook(
             lambda m, args: seen.append((args[0], routing.route(m, args[0].shape[0])))
@@ -130,10 +130,6 @@ def test_qig_gptq_with_weights_of_one_is_bit_identical_to_stock_gptq_on_moe(moe,
 
 def test_qig_awq_weights_the_expert_up_down_search_by_routed_rows(moe, monkeypatch):
     from llmcompressor.modifiers.quantization import QuantizationModifier
-    from llmcompressor.pipelines.cache import IntermediatesCache
-
-    if not torch.accelerator.is_available():
-        monkeypatch.setattr(IntermediatesCache, "pin_memory", lambda self, batch_index, input_names=None: None)
     calls = _record_calls(monkeypatch, qig_awq, "expert_token_weights")
     model = _reload(moe)
     weights = {**W4_G64, "symmetric": False}

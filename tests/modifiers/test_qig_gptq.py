@@ -10,8 +10,9 @@ from llmcompressor.recipe import Recipe
 from safetensors.torch import load_file
 
 import qig_plugin  # noqa: F401  (registers the modifiers)
-from qig_plugin.modifiers import QIGGPTQModifier, block_attribution
-from qig_plugin.modifiers.groups import resolve_groups
+from qig_plugin.attribution import block as attribution_block
+from qig_plugin.modifiers import QIGGPTQModifier
+from qig_plugin.modifiers.groups import resolve_groups, targeted_linears
 from qig_plugin.modifiers.block_attribution import attendable_tokens as _attendable_tokens
 from tests.modifiers.tiny_llama import calibrate_tiny_llama, load_tiny_llama
 
@@ -70,12 +71,10 @@ def test_hessian_is_the_token_weighted_sum(tiny_llama_dir):
 
 def test_groups_follow_llm_compressor_mappings(tiny_llama_dir):
     model = load_tiny_llama(tiny_llama_dir)
-    oneshot_free = QIGGPTQModifier(**SCHEME)
-    from compressed_tensors.quantization import apply_quantization_config
-
-    apply_quantization_config(model, oneshot_free.resolve_quantization_config())
+    schemes = targeted_linears(model, QIGGPTQModifier(**SCHEME).resolve_quantization_config())
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
-    groups = resolve_groups(model, names)
+    assert list(schemes) == names
+    groups = resolve_groups(model, schemes)
     blocks = [g.block_name for g in groups]
     assert blocks[:4] == [
         "model.layers.0.self_attn",
@@ -142,19 +141,19 @@ def test_each_block_starts_from_its_last_node_count_and_keeps_a_settled_one_unch
     tiny_llama_dir, tmp_path, monkeypatch
 ):
     calls = []  # per block attribution: [block, then min_steps, steps, nodes used of its qig_token_scores]
-    real_token_scores = block_attribution.qig_token_scores
+    real_token_scores = attribution_block.qig_token_scores
     real_block_scores = QIGGPTQModifier.qig_scores
 
     def recording_token_scores(*args, min_steps, steps, **kwargs):
-        scores, used = real_token_scores(*args, min_steps=min_steps, steps=steps, **kwargs)
-        calls[-1].extend((min_steps, steps, used))
-        return scores, used
+        result = real_token_scores(*args, min_steps=min_steps, steps=steps, **kwargs)
+        calls[-1].extend((min_steps, steps, result.nodes))
+        return result
 
     def recording_block_scores(self, block, *args, **kwargs):
         calls.append([block])
         return real_block_scores(self, block, *args, **kwargs)
 
-    monkeypatch.setattr(block_attribution, "qig_token_scores", recording_token_scores)
+    monkeypatch.setattr(attribution_block, "qig_token_scores", recording_token_scores)
     monkeypatch.setattr(QIGGPTQModifier, "qig_scores", recording_block_scores)
     quantize(tiny_llama_dir, QIGGPTQModifier(**SCHEME, qig_completeness_tol=1e-4), tmp_path / "qig")
 
