@@ -25,7 +25,7 @@ from compressed_tensors.quantization import QuantizationArgs
 from qig_plugin.attribution import discrepancy, fake_quantize_weight, integrated_gradients
 from qig_plugin.data import batch_one_collator, build_calibration_dataset, shipped_records
 from qig_plugin.models import build_default_model, load_model, load_processor
-from qig_plugin.modifiers.block_attribution import _linear_weights
+from qig_plugin.attribution import linear_weights
 
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -60,8 +60,8 @@ def capture_block_inputs(model, batch, layers):
 def block_objective(block, weights, args, kwargs):
     """F(points) = sum_t mean_h |f_W - f_Q| for the block with the given linear weights."""
     uses_kwarg = not args
-    def run(linear_weights, points):
-        with _linear_weights(linear_weights):
+    def run(branch_weights, points):
+        with linear_weights(branch_weights):
             out = block(**{**kwargs, "hidden_states": points}) if uses_kwarg else block(points, *args[1:], **kwargs)
         return out[0] if isinstance(out, tuple) else out
     fp, quantized = weights
