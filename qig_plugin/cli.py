@@ -12,6 +12,12 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+    from qig_plugin.data import CalibrationRecord
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -153,7 +159,7 @@ class QuantizeInputs:
     config: dict  # its config.json
     recipe: Path
     scheme: str  # e.g. "W8A8"
-    calibration: object  # list[CalibrationRecord] to tokenize, or a tokenized datasets.Dataset (both unsliced)
+    calibration: list[CalibrationRecord] | Dataset  # records to tokenize, or tokenized rows (all, before --samples)
     data_name: str  # where the calibration data comes from, for messages
 
 
@@ -211,7 +217,7 @@ def check_quantize_inputs(args: argparse.Namespace) -> QuantizeInputs:
     return QuantizeInputs(model, config, recipe, scheme, calibration, data_name)
 
 
-def _calibration_dataset(inputs: QuantizeInputs, processor, args: argparse.Namespace):
+def _calibration_dataset(inputs: QuantizeInputs, processor, args: argparse.Namespace) -> Dataset:
     """The first ``--samples`` calibration samples, tokenized (records up to ``--max-length`` tokens) and checked."""
     from qig_plugin.data import build_calibration_dataset
     from qig_plugin.validation import InputError, check_tokenized_dataset

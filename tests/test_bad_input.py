@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -63,6 +64,11 @@ def no_model_loading(monkeypatch):
 def write_weights_header(model_dir: Path, shapes: dict[str, tuple[int, ...]]) -> None:
     """A ``model.safetensors`` with zero tensors of ``shapes`` (float32): a real header for the size estimate."""
     save_file({name: np.zeros(shape, dtype=np.float32) for name, shape in shapes.items()}, model_dir / "model.safetensors")
+
+
+def disk_with_free_bytes(free: int):
+    """A stand-in for ``shutil.disk_usage`` on a disk with ``free`` bytes left."""
+    return lambda path: SimpleNamespace(total=10**12, used=10**12 - free, free=free)
 
 
 TINY_WEIGHTS = {"model.embed_tokens.weight": (64, 128), "model.layers.0.mlp.down_proj.weight": (128, 256)}
@@ -254,7 +260,7 @@ def test_output_parents_made_by_the_probe_are_gone_when_a_later_check_fails(work
 
 
 def test_output_without_room_for_the_checkpoint_names_both_sizes(workspace, capsys, monkeypatch):
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 1000, 1000))
+    monkeypatch.setattr(shutil, "disk_usage", disk_with_free_bytes(1000))
     err = run_and_check_nothing_written(workspace, quantize_args(workspace, "--scheme", "W8A8"), capsys)
     # 40960 parameters: the embedding at float32 and the 8-bit down_proj with a scale per row, plus 64 MiB of files
     assert "the checkpoint needs up to 67.2 MB (40,960 parameters at W8A8)" in err
@@ -278,7 +284,7 @@ def test_library_checks_the_output_location_before_calibrating(tiny_llama_dir, t
     model = load_tiny_llama(tiny_llama_dir)
     with pytest.raises(InputError, match=r"output_dir /proc/forbidden/out cannot be written"):
         quantize_to_checkpoint(model, tiny_tokenizer(), W8A8_RECIPE, random_token_dataset(2), "/proc/forbidden/out")
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 1000, 1000))
+    monkeypatch.setattr(shutil, "disk_usage", disk_with_free_bytes(1000))
     with pytest.raises(InputError, match=r"the checkpoint needs up to .* \(\d[\d,]* parameters at 8-bit weights\)"):
         quantize_to_checkpoint(model, tiny_tokenizer(), W8A8_RECIPE, random_token_dataset(2), tmp_path / "a" / "out")
     assert list(tmp_path.iterdir()) == []
