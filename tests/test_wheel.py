@@ -103,7 +103,8 @@ def test_the_wheel_ships_the_recipes_and_the_startup_hook(fresh_venv):
     with zipfile.ZipFile(fresh_venv.wheel) as wheel:
         for name in recipes:
             assert wheel.read(f"qig_plugin/recipes/{name}") == (CHECKOUT / "qig_plugin" / "recipes" / name).read_bytes()
-        entry_points = wheel.read("qig_plugin-0.1.0.dist-info/entry_points.txt").decode()
+        (entry_points_name,) = [name for name in names if name.endswith(".dist-info/entry_points.txt")]
+        entry_points = wheel.read(entry_points_name).decode()
     assert {"qig_plugin/recipes/__init__.py", "qig_plugin_recipe_hint.py", "qig_plugin_recipe_hint.pth"} <= names
     assert "qig = qig_plugin.cli:main" in entry_points
     # anything else git tracks in the package (data included) is in the wheel too
