@@ -166,16 +166,18 @@ class QuantizeInputs:
 def check_quantize_inputs(args: argparse.Namespace) -> QuantizeInputs:
     """The validation pass of ``qig quantize``: every input, before any model is loaded or any file written.
 
-    The model folder, the recipe (parsed), the scheme's servability, the output location (writable, not the
-    model folder, room on its disk for a local model's checkpoint) and the calibration data (images decoded,
-    fitting the model: no images for a text-only LLM). A hub model's checkpoint size is checked once it is
-    loaded, by ``quantize_to_checkpoint`` before calibration.
+    The model folder, the recipe (parsed; for a local model, its weight groups divide the linears' widths read
+    from the safetensors headers), the scheme's servability, the output location (writable, not the model
+    folder, room on its disk for a local model's checkpoint) and the calibration data (images decoded, fitting
+    the model: no images for a text-only LLM). A hub model's shapes are checked once it is loaded, by
+    ``quantize_to_checkpoint`` before calibration.
     """
     from qig_plugin.serving import cpu_serving_support
     from qig_plugin.validation import (
         InputError,
         check_checkpoint_output,
         check_free_space,
+        check_group_divisibility,
         check_records_fit_model,
         check_servable,
         check_tokenized_fits_model,
@@ -199,9 +201,10 @@ def check_quantize_inputs(args: argparse.Namespace) -> QuantizeInputs:
     if isinstance(model, Path) and args.output.resolve() == model.resolve():
         raise InputError(f"--output {args.output} is the model folder; choose another folder for the checkpoint")
     check_checkpoint_output(args.output, overwrite=args.overwrite)
-    if isinstance(model, Path):
-        weights = recipe_quantized_weights(modifiers)
-        check_free_space(args.output, checkpoint_size(safetensors_shapes(model), weights, LOAD_DTYPE_BYTES), scheme)
+    if isinstance(model, Path):  # a hub model's shapes are checked once it is loaded, before calibration
+        shapes, weights = safetensors_shapes(model), recipe_quantized_weights(modifiers)
+        check_group_divisibility(shapes, weights, f"recipe {recipe.name}")
+        check_free_space(args.output, checkpoint_size(shapes, weights, LOAD_DTYPE_BYTES), scheme)
 
     data_name = str(args.data) if args.data is not None else "the shipped set"
     if args.data is not None:

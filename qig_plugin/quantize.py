@@ -24,9 +24,9 @@ from qig_plugin.data import batch_one_collator
 from qig_plugin.modifiers.language_model import decoder_layers
 from qig_plugin.upstream import unpinned_caches_without_accelerator
 from qig_plugin.validation import (
-    CheckpointSize,
     check_checkpoint_output,
     check_free_space,
+    check_group_divisibility,
     checkpoint_size,
     finite_activations,
     recipe_quantized_weights,
@@ -47,15 +47,22 @@ def decoder_layer_class(model: torch.nn.Module) -> str:
     return type(decoder_layers(model)[1][0]).__name__
 
 
-def model_checkpoint_size(model: torch.nn.Module, modifiers: list[Modifier]) -> CheckpointSize:
-    """The expected size of ``model``'s compressed checkpoint under ``modifiers`` (see ``checkpoint_size``).
+def check_model_fits_recipe_and_disk(
+    model: torch.nn.Module, recipe: str | Path | list[Modifier], output_dir: Path
+) -> None:
+    """The checks that need the loaded model, run before calibration: the recipe's weight groups divide the
+    width of every linear it quantizes, and ``output_dir``'s disk has room for the compressed checkpoint.
 
-    Read from the parameters' shapes (tied parameters once) and their widest dtype, without touching their data.
+    Reads the parameters' shapes (tied parameters once) and their widest dtype, never their data.
     """
+    modifiers = recipe if isinstance(recipe, list) else Recipe.create_instance(str(recipe)).modifiers
+    weights = recipe_quantized_weights(modifiers)
     parameters = dict(model.named_parameters())
-    value_bytes = max(parameter.element_size() for parameter in parameters.values())
     shapes = {name: tuple(parameter.shape) for name, parameter in parameters.items()}
-    return checkpoint_size(shapes, recipe_quantized_weights(modifiers), value_bytes)
+    check_group_divisibility(shapes, weights, "the recipe")
+    value_bytes = max(parameter.element_size() for parameter in parameters.values())
+    quantized = f"{weights.num_bits}-bit weights" if weights is not None else "unquantized weights"
+    check_free_space(output_dir, checkpoint_size(shapes, weights, value_bytes), quantized, option="output_dir")
 
 
 def _folder_size(folder: Path) -> int:
@@ -115,18 +122,16 @@ def quantize_to_checkpoint(
 
     Before calibrating, the output location is checked as ``qig quantize`` checks it: ``output_dir`` is not
     a file (nor an existing folder, unless ``overwrite``), its parent can be created and written (a probe
-    file, removed again), and its disk has room for the checkpoint's expected size.
+    file, removed again), and its disk has room for the checkpoint's expected size; and the recipe's weight
+    groups must divide the model's linears (see :func:`check_model_fits_recipe_and_disk`).
 
     :param output_dir: the checkpoint folder to create
     :param overwrite: replace an existing ``output_dir``
-    :raises InputError: (``qig_plugin.validation``) the output location fails a check; nothing was written
+    :raises InputError: (``qig_plugin.validation``) a check failed; nothing was written
     """
     output_dir = Path(output_dir)
     check_checkpoint_output(output_dir, overwrite=overwrite, option="output_dir")
-    modifiers = recipe if isinstance(recipe, list) else Recipe.create_instance(str(recipe)).modifiers
-    weights = recipe_quantized_weights(modifiers)
-    quantized = f"{weights.num_bits}-bit weights" if weights is not None else "unquantized weights"
-    check_free_space(output_dir, model_checkpoint_size(model, modifiers), quantized, option="output_dir")
+    check_model_fits_recipe_and_disk(model, recipe, output_dir)
     calibration_s = calibrate(model, processor, recipe, dataset, sequential_targets=sequential_targets)
 
     start = time.perf_counter()

@@ -264,6 +264,53 @@ def _matches(module_name: str, patterns: Sequence[str]) -> bool:
     )
 
 
+def _is_quantized_linear(name: str, shape: Sequence[int], weights: QuantizedWeights) -> bool:
+    """Whether the tensor ``name`` of ``shape`` is a linear weight ``weights`` quantizes.
+
+    That is a 2-D ``*.weight`` [out, in], not an embedding (no ``embed``/``wte``/``wpe`` in its name), whose module
+    is targeted (``Linear`` targets every such tensor, other targets match by name) and not ignored.
+    """
+    module_name = name.removesuffix(".weight")
+    return (
+        name.endswith(".weight")
+        and len(shape) == 2
+        and not any(part in name for part in ("embed", "wte", "wpe"))
+        and ("Linear" in weights.targets or _matches(module_name, weights.targets))
+        and not _matches(module_name, weights.ignore)
+    )
+
+
+GROUP_SIZES = (128, 64, 32, 16)
+
+
+def check_group_divisibility(shapes: Mapping[str, Sequence[int]], weights: QuantizedWeights | None, recipe: str) -> None:
+    """Refuse a recipe whose weight group size does not divide the input width of a linear it quantizes.
+
+    ``recipe`` names the recipe in the message (e.g. ``"recipe gptq_w4a16_g128.yaml"``).
+
+    llm-compressor refuses such a recipe only when calibration initializes, after the model is loaded
+    (and ``bypass_divisibility_checks`` only moves the failure into the observer). ``shapes`` are the model's
+    tensor shapes (:func:`safetensors_shapes`, or a loaded model's parameters).
+    """
+    if weights is None or weights.group_size is None:
+        return
+    widths = {name: shape[1] for name, shape in shapes.items() if _is_quantized_linear(name, shape, weights)}
+    indivisible = [name for name, width in widths.items() if width % weights.group_size]
+    if not indivisible:
+        return
+    fitting = next((size for size in GROUP_SIZES if all(width % size == 0 for width in widths.values())), None)
+    fix = (
+        f"use group_size {fitting} (e.g. a shipped recipe without _g128)" if fitting is not None
+        else "use strategy: channel, or ignore those linears"
+    )
+    name = indivisible[0]
+    raise InputError(
+        f"{recipe}: group_size {weights.group_size} does not divide the input width of {len(indivisible)} "
+        f"quantized linears (e.g. {name.removesuffix('.weight')}: {widths[name]} columns); {fix}, or pass --scheme, "
+        "which picks the group size for the model's width"
+    )
+
+
 def safetensors_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
     """The shape of every tensor in a folder's ``*.safetensors`` files, read from their JSON headers alone.
 
@@ -302,9 +349,7 @@ def checkpoint_size(
 ) -> CheckpointSize:
     """An upper bound of the bytes ``save_pretrained(save_compressed=True)`` writes for tensors of ``shapes``.
 
-    A tensor counts as a quantized linear weight when it is a 2-D ``*.weight`` [out, in], not an embedding
-    (no ``embed``/``wte``/``wpe`` in its name), its module is targeted (``Linear`` targets every such tensor,
-    other targets match by name) and not ignored. Such a weight takes ``num_bits`` bits per value, packed into
+    A quantized linear weight (:func:`_is_quantized_linear`) takes ``num_bits`` bits per value, packed into
     int32 words (``32 // num_bits`` values per word: 1 byte per value for 8 bits, 0.5 for 4, 0.4 for 3),
     plus one ``SCALE_BYTES`` scale per output channel or per group (and as many zero points when asymmetric).
     Every other tensor (embeddings, ``lm_head``, norms, ignored or untargeted modules) stays at ``value_bytes``
@@ -314,16 +359,7 @@ def checkpoint_size(
     for name, shape in shapes.items():
         values = math.prod(shape)
         parameters += values
-        module_name = name.removesuffix(".weight")
-        quantized = (
-            weights is not None
-            and name.endswith(".weight")
-            and len(shape) == 2
-            and not any(part in name for part in ("embed", "wte", "wpe"))
-            and ("Linear" in weights.targets or _matches(module_name, weights.targets))
-            and not _matches(module_name, weights.ignore)
-        )
-        if not quantized:
+        if weights is None or not _is_quantized_linear(name, shape, weights):
             total += values * value_bytes
             continue
         rows, columns = shape

@@ -350,6 +350,23 @@ def test_misspelt_shipped_recipe_name_suggests_the_shipped_recipe(workspace, cap
     assert "recipe qig_gptq_w8a does not exist; did you mean the shipped recipe 'qig_gptq_w8a8'?" in err
 
 
+def test_group_size_that_does_not_divide_the_model_width(workspace, capsys):
+    write_weights_header(workspace / "model", {**TINY_WEIGHTS, "model.layers.0.mlp.gate_proj.weight": (8, 576)})
+    argv = quantize_args(workspace, "--recipe", "gptq_w4a16_g128", "--allow-unservable")
+    err = run_and_check_nothing_written(workspace, argv, capsys)
+    assert ("recipe gptq_w4a16_g128.yaml: group_size 128 does not divide the input width of 1 quantized linears "
+            "(e.g. model.layers.0.mlp.gate_proj: 576 columns); use group_size 64") in err
+
+
+def test_library_checks_the_group_size_on_the_loaded_model_before_calibrating(tiny_llama_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(quantize, "oneshot", must_not_run("calibration started"))
+    recipe = W8A8_RECIPE.read_text().replace("strategy: channel", "strategy: group, group_size: 96")
+    with pytest.raises(InputError, match=r"the recipe: group_size 96 does not divide .* use group_size 128"):
+        quantize_to_checkpoint(load_tiny_llama(tiny_llama_dir), tiny_tokenizer(), recipe, random_token_dataset(2),
+                               tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
 # -- calibration data ----------------------------------------------------------------------------------------------
 
 
