@@ -357,7 +357,8 @@ def generate_command(args: argparse.Namespace) -> int:
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="local model folder (safetensors + processor files) or a hub id")
     recipe = parser.add_mutually_exclusive_group()
-    recipe.add_argument("--recipe", type=Path, help="recipe YAML (nested *_stage/*_modifiers form) or a shipped recipe's name")
+    recipe.add_argument("--recipe", type=Path,
+                        help="recipe YAML (nested *_stage/*_modifiers form) or a shipped recipe's name")
     recipe.add_argument("--scheme", choices=SCHEMES, type=str.upper, help="use the shipped recipe of this scheme")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")

@@ -283,7 +283,9 @@ def _is_quantized_linear(name: str, shape: Sequence[int], weights: QuantizedWeig
 GROUP_SIZES = (128, 64, 32, 16)
 
 
-def check_group_divisibility(shapes: Mapping[str, Sequence[int]], weights: QuantizedWeights | None, recipe: str) -> None:
+def check_group_divisibility(
+    shapes: Mapping[str, Sequence[int]], weights: QuantizedWeights | None, recipe: str
+) -> None:
     """Refuse a recipe whose weight group size does not divide the input width of a linear it quantizes.
 
     ``recipe`` names the recipe in the message (e.g. ``"recipe gptq_w4a16_g128.yaml"``).

@@ -63,7 +63,8 @@ def no_model_loading(monkeypatch):
 
 def write_weights_header(model_dir: Path, shapes: dict[str, tuple[int, ...]]) -> None:
     """A ``model.safetensors`` with zero tensors of ``shapes`` (float32): a real header for the size estimate."""
-    save_file({name: np.zeros(shape, dtype=np.float32) for name, shape in shapes.items()}, model_dir / "model.safetensors")
+    tensors = {name: np.zeros(shape, dtype=np.float32) for name, shape in shapes.items()}
+    save_file(tensors, model_dir / "model.safetensors")
 
 
 def disk_with_free_bytes(free: int):
@@ -245,7 +246,8 @@ def test_unwritable_output_folder_leaves_no_created_parent(workspace, capsys, mo
         raise OSError(errno.EROFS, "Read-only file system")
 
     monkeypatch.setattr(tempfile, "mkstemp", disk_refuses)
-    argv = ["quantize", str(workspace / "model"), "--scheme", "W8A8", "--output", str(workspace / "new" / "deeper" / "out")]
+    argv = quantize_args(workspace, "--scheme", "W8A8")
+    argv[argv.index("--output") + 1] = str(workspace / "new" / "deeper" / "out")
     err = run_and_check_nothing_written(workspace, argv, capsys)
     assert f"writing a file in {workspace / 'new' / 'deeper'} failed (Read-only file system)" in err
     assert not (workspace / "new").exists()
@@ -274,7 +276,8 @@ def test_output_that_is_a_file(workspace, capsys):
 
 
 def test_output_that_is_the_model_folder(workspace, capsys):
-    argv = ["quantize", str(workspace / "model"), "--scheme", "W8A8", "--overwrite", "--output", str(workspace / "model")]
+    argv = quantize_args(workspace, "--scheme", "W8A8", "--overwrite")
+    argv[argv.index("--output") + 1] = str(workspace / "model")
     err = run_and_check_nothing_written(workspace, argv, capsys)
     assert "is the model folder; choose another folder for the checkpoint" in err
 
@@ -302,7 +305,8 @@ def test_library_checks_the_output_location_before_calibrating(tiny_llama_dir, t
          "--max-length 4 is out of range: pass --max-length with a value of at least 16"),
         (["quantize", "M", "--scheme", "W8A8", "--seed", "-1", "--output", "o"],
          "--seed -1 is out of range: pass --seed with a value from 0 to 4294967295"),
-        (["serve", "ckpt", "--port", "70000"], "--port 70000 is out of range: pass --port with a value from 1 to 65535"),
+        (["serve", "ckpt", "--port", "70000"],
+         "--port 70000 is out of range: pass --port with a value from 1 to 65535"),
         (["generate", "ckpt", "--prompt", "Hi", "--max-tokens", "0"],
          "--max-tokens 0 is out of range: pass --max-tokens with a value of at least 1"),
         (["generate", "ckpt", "--prompt", " "], "--prompt is empty: pass the text of the user's turn"),

@@ -49,8 +49,8 @@ def test_shipped_text_records_have_no_images_and_share_no_topic_across_splits():
     assert not {record.prompt for record in calibration} & {record.prompt for record in heldout}
     assert not set(TEXT_ONLY_TOPICS) & {"while", "if", "for", "with"}  # the photo records' passages stay theirs
     assert len(set(TEXT_ONLY_TOPICS) & HELDOUT_TOPICS) == 4
-    photo_passages = [record.prompt for record in shipped_records("calibration") if "Python documentation" in record.prompt]
-    assert [record.prompt for record in calibration[: len(photo_passages)]] == photo_passages
+    passages = [record.prompt for record in shipped_records("calibration") if "Python documentation" in record.prompt]
+    assert [record.prompt for record in calibration[: len(passages)]] == passages
 
 
 def test_base_model_tokenizer_without_chat_template_gets_prompt_and_answer(tmp_path):
