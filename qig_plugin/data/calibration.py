@@ -173,7 +173,8 @@ def build_calibration_dataset(
 
     Raises:
         ValueError: no records; an invalid record or an undecodable image (naming the record); mixed image and
-        image-less records; ``max_length`` would cut into image tokens.
+        image-less records; images with a processor that has no chat template; ``max_length`` would cut into
+        image tokens.
     """
     if not records:
         raise ValueError("build_calibration_dataset got no records; pass at least one CalibrationRecord")
