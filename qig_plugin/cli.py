@@ -272,10 +272,21 @@ def quantize_command(args: argparse.Namespace) -> int:
 
 def explain_command(args: argparse.Namespace) -> int:
     """Check the inputs, compute one sample's QIG token weights, write the PNG."""
-    from qig_plugin.validation import InputError, check_output_folder, load_image, load_recipe_modifiers
+    from qig_plugin.validation import (
+        InputError,
+        check_output_folder,
+        is_vision_language,
+        load_image,
+        load_recipe_modifiers,
+    )
 
     model = _model_reference(args.model, args.trust_remote_code)
     config = _model_config(model, args.trust_remote_code)
+    if not is_vision_language(config):
+        raise InputError(
+            f"{args.model} is a text-only model, and qig explain pictures the weights of an image and its text; "
+            "pass a vision-language model (its config.json has a vision_config)"
+        )
     modifiers = load_recipe_modifiers(_recipe_path(args, config))
     image = load_image(args.image, "--image")
     if args.output.suffix.lower() != ".png":

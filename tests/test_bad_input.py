@@ -29,6 +29,7 @@ from safetensors.numpy import save_file
 
 from qig_plugin import cli, quantize
 from qig_plugin.cli import main
+from qig_plugin.data import load_photo
 from qig_plugin.quantize import quantize_to_checkpoint
 from qig_plugin.recipes import shipped_recipe
 from qig_plugin.validation import InputError, NonFiniteActivationError
@@ -223,6 +224,17 @@ def test_explain_refuses_an_undecodable_image(workspace, capsys):
         capsys,
     )
     assert "--image: image" in err and "cannot be decoded" in err
+
+
+def test_explain_refuses_a_text_only_model(text_workspace, capsys):
+    load_photo("astronaut").save(text_workspace / "photo.png")
+    err = run_and_check_nothing_written(
+        text_workspace,
+        ["explain", str(text_workspace / "model"), "--image", str(text_workspace / "photo.png"), "--prompt", "Hi",
+         "--output", str(text_workspace / "w.png")],
+        capsys,
+    )
+    assert "text-only model" in err and "vision-language model" in err
 
 
 def test_usage_error_exits_2(capsys):
