@@ -10,7 +10,8 @@ without the photos) and are scored on data calibration never sees: the held-out 
 prompts and documentation passages) and held-out ``pydoc_data.topics`` text. Metrics against the
 full-precision parent: mean KL(FP || Q) of next-token distributions over all positions and over answer
 positions, top-1 agreement, and perplexity on the held-out text, each with a bootstrap 95% interval over
-samples; QIG/stock KL ratios use paired resamples.
+samples; QIG/stock KL ratios use paired resamples. The metrics, intervals and held-out text are
+``qig_plugin.evaluation``'s, the implementation ``qig eval`` runs on a saved checkpoint.
 
 Every cell (model, scheme, method) runs in its own process on the same records with the same seed and
 saves its per-sample metrics under ``benchmarks/results/quality_cells/`` (reused on later runs unless
@@ -33,6 +34,17 @@ import numpy as np
 import torch
 import yaml
 
+from qig_plugin.evaluation import (
+    bootstrap_interval,
+    heldout_text_passages,
+    next_token_log_probs,
+    paired_ratio,
+    perplexity_interval,
+    records_set,
+    replace_images,
+    text_set,
+)
+from qig_plugin.evaluation import sample_metrics as evaluation_sample_metrics
 from qig_plugin.recipes import shipped_recipe
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -42,7 +54,6 @@ CELLS = RESULTS / "quality_cells"
 SEED = 0
 TEXT_PASSAGES = 16
 TEXT_TOKENS = 256
-BOOTSTRAP_RESAMPLES = 2000
 CHILD_TIMEOUT_S = 1800
 
 # method -> (recipe file stem with {scheme}, modifier class swaps, field overrides, schemes it applies to)
@@ -164,26 +175,20 @@ def build_modifiers(method: str, scheme: str) -> list:
 # ---------------------------------------------------------------- data
 
 
-def heldout_text_ids(tokenizer) -> list[torch.Tensor]:
-    """``TEXT_PASSAGES`` real documentation passages no calibration record uses: ``[TEXT_TOKENS]`` ids each."""
-    import pydoc_data.topics
+def heldout_text_ids(tokenizer) -> list[list[int]]:
+    """``TEXT_PASSAGES`` real documentation passages the calibration records never use: ``TEXT_TOKENS`` ids each.
 
+    Only the VLM records' topics are excluded (what both models calibrate on here), so the choice stays that of the
+    saved cells (``qig eval`` also excludes the text-only records' topics).
+    """
     from qig_plugin.data.records import PASSAGE_TASKS
 
     used = {topic for topic, *_ in PASSAGE_TASKS}
-    candidates = sorted(
-        name for name, text in pydoc_data.topics.topics.items() if name not in used and len(text) > 4 * TEXT_TOKENS
-    )
-    chosen = np.random.default_rng(SEED).choice(len(candidates), TEXT_PASSAGES, replace=False)
-    passages = []
-    for index in sorted(chosen):
-        ids = tokenizer(pydoc_data.topics.topics[candidates[index]], add_special_tokens=False)["input_ids"]
-        passages.append(torch.tensor(ids[:TEXT_TOKENS]))
-    return passages
+    return heldout_text_passages(tokenizer, TEXT_PASSAGES, TEXT_TOKENS, exclude=used)
 
 
 def load_subject(model_kind: str, samples: int, mask_prompt: bool):
-    """Model, processor, calibration dataset and held-out sets for ``"vlm"`` or ``"text"``."""
+    """Model, processor, calibration dataset and the held-out sets (records, text) for ``"vlm"`` or ``"text"``."""
     from qig_plugin.data import build_calibration_dataset, shipped_records
     from qig_plugin.models import build_default_model, build_text_model, load_model, load_processor
 
@@ -197,76 +202,41 @@ def load_subject(model_kind: str, samples: int, mask_prompt: bool):
         model_dir = build_text_model()
         processor = AutoTokenizer.from_pretrained(model_dir)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        calibration = [dataclasses.replace(r, image=None) for r in calibration]
-        heldout = [dataclasses.replace(r, image=None) for r in heldout]
+        calibration, heldout = replace_images(calibration), replace_images(heldout)
     order = np.random.default_rng(SEED).permutation(len(calibration))[:samples]
     dataset = build_calibration_dataset([calibration[i] for i in sorted(order)], processor,
                                         mask_system_prompt=mask_prompt)
-    heldout_set = build_calibration_dataset(heldout, processor)
     tokenizer = getattr(processor, "tokenizer", processor)
-    return model, processor, dataset, heldout_set, heldout_text_ids(tokenizer), tokenizer
+    heldout_sets = (records_set("records", heldout, processor), text_set("text", heldout_text_ids(tokenizer)))
+    return model, processor, dataset, heldout_sets
 
 
-def answer_start(input_ids: torch.Tensor, tokenizer) -> int:
-    """Index of the first answer token: right after the last ``<|im_start|>assistant\\n``."""
-    start_id = tokenizer.convert_tokens_to_ids("<|im_start|>")
-    header = len(tokenizer("assistant\n", add_special_tokens=False)["input_ids"])
-    return int((input_ids == start_id).nonzero().max()) + 1 + header
+# ---------------------------------------------------------------- metrics (qig_plugin.evaluation's)
 
 
-# ---------------------------------------------------------------- metrics
+def log_probs(model, heldout_sets) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Next-token log-probabilities ``[1, seq, vocab]`` for each held-out record, then for each text passage."""
+    return tuple([next_token_log_probs(model, row) for row in eval_set.rows] for eval_set in heldout_sets)
 
 
-@torch.no_grad()
-def next_token_log_probs(model, heldout_set, text_ids) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Log-probabilities ``[seq, vocab]`` for each held-out record, then for each held-out text passage."""
-    from qig_plugin.data import batch_one_collator
+def sample_metrics(reference, quantized, heldout_sets) -> dict[str, list[float]]:
+    """Per-sample metrics (one value per held-out record or text passage).
 
-    records = []
-    for row in heldout_set:
-        batch = {k: v for k, v in batch_one_collator([row]).items() if k != "loss_mask"}
-        records.append(model(**batch, use_cache=False).logits[0].float().log_softmax(-1))
-    texts = [model(input_ids=ids[None], use_cache=False).logits[0].float().log_softmax(-1) for ids in text_ids]
-    return records, texts
-
-
-def kl_per_position(reference: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
-    """KL(FP || Q) of each position's next-token distribution: ``[seq, vocab]`` x2 -> ``[seq]``."""
-    return (reference.exp() * (reference - quantized)).sum(-1)
-
-
-def sample_metrics(reference, quantized, heldout_set, text_ids, tokenizer) -> dict[str, list[float]]:
-    """Per-sample metrics (one value per held-out record or text passage)."""
+    ``kl_answer`` averages the positions from the one predicting the answer's first token to the end.
+    """
+    records, texts = heldout_sets
     metrics = {"kl_all": [], "kl_answer": [], "top1": [], "text_kl": [], "text_nll": [], "text_nll_fp": []}
-    for ref, quant, row in zip(reference[0], quantized[0], heldout_set):
-        kl = kl_per_position(ref, quant)
-        start = answer_start(torch.as_tensor(row["input_ids"]), tokenizer)
-        metrics["kl_all"].append(kl.mean().item())
-        metrics["kl_answer"].append(kl[start - 1 : -1].mean().item())
-        metrics["top1"].append((ref.argmax(-1) == quant.argmax(-1)).float().mean().item())
-    for ref, quant, ids in zip(reference[1], quantized[1], text_ids):
-        targets = ids[1:, None]
-        metrics["text_kl"].append(kl_per_position(ref, quant).mean().item())
-        metrics["text_nll"].append(-quant[:-1].gather(-1, targets).mean().item())
-        metrics["text_nll_fp"].append(-ref[:-1].gather(-1, targets).mean().item())
+    for ref, quant, row, span in zip(reference[0], quantized[0], records.rows, records.answer_spans):
+        scores = evaluation_sample_metrics(ref, quant, torch.as_tensor(row["input_ids"])[None], answer_spans=[span])
+        metrics["kl_all"].append(float(scores["kl"][0]))
+        metrics["kl_answer"].append(float(scores["kl_answer"][0]))
+        metrics["top1"].append(float(scores["top1"][0]))
+    for ref, quant, row in zip(reference[1], quantized[1], texts.rows):
+        scores = evaluation_sample_metrics(ref, quant, torch.as_tensor(row["input_ids"])[None])
+        metrics["text_kl"].append(float(scores["kl"][0]))
+        metrics["text_nll"].append(float(scores["nll"][0]))
+        metrics["text_nll_fp"].append(float(scores["nll_reference"][0]))
     return metrics
-
-
-def bootstrap_interval(values: np.ndarray, statistic=np.mean) -> list[float]:
-    """Mean-like statistic of per-sample ``values`` ``[n]`` with its bootstrap 95% interval."""
-    rng = np.random.default_rng(SEED)
-    draws = rng.integers(0, len(values), size=(BOOTSTRAP_RESAMPLES, len(values)))
-    stats = np.array([statistic(values[d]) for d in draws])
-    return [float(statistic(values)), float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))]
-
-
-def paired_ratio(numerator: np.ndarray, denominator: np.ndarray) -> list[float]:
-    """mean(numerator) / mean(denominator) over the same samples, with a paired bootstrap 95% interval."""
-    rng = np.random.default_rng(SEED)
-    draws = rng.integers(0, len(numerator), size=(BOOTSTRAP_RESAMPLES, len(numerator)))
-    ratios = numerator[draws].mean(1) / denominator[draws].mean(1)
-    return [float(numerator.mean() / denominator.mean()), float(np.percentile(ratios, 2.5)),
-            float(np.percentile(ratios, 97.5))]
 
 
 # ---------------------------------------------------------------- one cell
@@ -274,8 +244,8 @@ def paired_ratio(numerator: np.ndarray, denominator: np.ndarray) -> list[float]:
 
 def save_reference(model_kind: str, path: Path) -> None:
     """The FP parent's held-out log-probabilities, computed once per run and read by every cell."""
-    model, _, _, heldout_set, text_ids, _ = load_subject(model_kind, samples=1, mask_prompt=False)
-    torch.save(next_token_log_probs(model.eval(), heldout_set, text_ids), path)
+    model, _, _, heldout_sets = load_subject(model_kind, samples=1, mask_prompt=False)
+    torch.save(log_probs(model.eval(), heldout_sets), path)
 
 
 def run_cell(model_kind: str, scheme: str, method: str, samples: int, reference_path: Path) -> dict:
@@ -284,15 +254,15 @@ def run_cell(model_kind: str, scheme: str, method: str, samples: int, reference_
 
     torch.manual_seed(SEED)
     mask_prompt = method in PROMPT_MASKED
-    model, processor, dataset, heldout_set, text_ids, tokenizer = load_subject(model_kind, samples, mask_prompt)
+    model, processor, dataset, heldout_sets = load_subject(model_kind, samples, mask_prompt)
     seconds = calibrate(model, processor, build_modifiers(method, scheme), dataset, use_loss_mask=mask_prompt)
-    quantized = next_token_log_probs(model.eval(), heldout_set, text_ids)
+    quantized = log_probs(model.eval(), heldout_sets)
     reference = torch.load(reference_path)
     return {
         "model": model_kind, "scheme": scheme, "method": method, "samples": samples,
         "calibration_tokens": int(sum(len(ids) for ids in dataset["input_ids"])),
         "calibration_s": round(seconds, 1),
-        "per_sample": sample_metrics(reference, quantized, heldout_set, text_ids, tokenizer),
+        "per_sample": sample_metrics(reference, quantized, heldout_sets),
     }
 
 
@@ -301,14 +271,14 @@ def run_cell(model_kind: str, scheme: str, method: str, samples: int, reference_
 
 def summarize(cell: dict) -> dict:
     per_sample = {k: np.array(v) for k, v in cell["per_sample"].items()}
-    perplexity = lambda nll: float(np.exp(nll.mean()))  # noqa: E731 (token-weighted: passages have equal length)
+    text_tokens = np.full(len(per_sample["text_nll"]), TEXT_TOKENS - 1)  # every passage scores TEXT_TOKENS - 1 tokens
     return {
         "kl_all": bootstrap_interval(per_sample["kl_all"]),
         "kl_answer": bootstrap_interval(per_sample["kl_answer"]),
         "top1": bootstrap_interval(per_sample["top1"]),
         "text_kl": bootstrap_interval(per_sample["text_kl"]),
-        "text_ppl": bootstrap_interval(per_sample["text_nll"], perplexity),
-        "text_ppl_fp": perplexity(per_sample["text_nll_fp"]),
+        "text_ppl": perplexity_interval(per_sample["text_nll"], text_tokens),
+        "text_ppl_fp": perplexity_interval(per_sample["text_nll_fp"], text_tokens)[0],
         "calibration_s": cell["calibration_s"],
     }
 

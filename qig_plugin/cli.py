@@ -1,4 +1,5 @@
-"""qig: quantize a vision-language model or a text-only LLM with QIG, picture its token weights, serve the result.
+"""qig: quantize a vision-language model or a text-only LLM with QIG, picture its token weights, measure how close
+the result stays to the original, serve it.
 
 Exit codes: 0 done; 1 the work failed (see the message); 2 bad usage or bad input, nothing written.
 Inputs are checked before any model is loaded or any file is written.
@@ -62,6 +63,21 @@ SERVE_EXAMPLES = """examples:
   qig serve out/w8a8 --port 9000 -- --max-model-len 2048   # after --: options for vLLM's api_server
 
 Runs in the serve environment ($QIG_SERVE_PYTHON, default .venvs/serve/bin/python).
+"""
+
+EVAL_EXAMPLES = """examples:
+  qig eval out/w8a8 --reference MODEL                  # the shipped held-out records and text
+  qig eval out/w8a8 --reference MODEL --data my_records.jsonl notes.txt --output eval/w8a8.json
+  qig eval out/text-w8a8 --reference ~/.cache/qig-plugin/smollm2-135m-instruct --max-samples 8
+
+Scores the checkpoint against its full-precision parent on held-out data, one sample at a time through
+both models: KL(ref || q) of the next-token distributions, top-1 agreement, perplexity on text, and on
+records with answers the KL over the answer and the exact match of the greedy answer (task accuracy,
+beside the reference's), each with a bootstrap 95% interval over samples. --data takes .txt files (text
+for perplexity, cut into 256-token passages), .json/.jsonl records as for `qig quantize --data`, or a
+datasets folder; without it: the shipped held-out records and 16 documentation passages no shipped
+record uses. Writes the table to the console, the numbers to --output (.json) and a plot beside it (.png).
+Both models are held in memory, in float32.
 """
 
 GENERATE_EXAMPLES = """examples:
@@ -325,6 +341,118 @@ def explain_command(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+@dataclass
+class EvalInputs:
+    """Everything ``qig eval`` checked before loading the models."""
+
+    checkpoint: Path
+    checkpoint_config: dict
+    reference: str | Path  # a checked local folder or a hub id
+    reference_config: dict
+    sources: list[tuple[Path, object]]  # --data: (path, text | records | tokenized Dataset)
+    plot: Path
+
+
+def check_eval_inputs(args: argparse.Namespace) -> EvalInputs:
+    """The validation pass of ``qig eval``, before any model is loaded or any file written: a quantized checkpoint,
+    an unquantized reference of the same architecture and vocabulary size, readable data that fits the model,
+    writable --output (.json) and plot (.png) paths."""
+    from qig_plugin.validation import (
+        InputError,
+        check_checkpoint_folder,
+        check_eval_pair,
+        check_output_folder,
+        check_records_fit_model,
+        check_tokenized_fits_model,
+        is_vision_language,
+        load_eval_source,
+    )
+
+    checkpoint = args.checkpoint
+    checkpoint_config = check_checkpoint_folder(checkpoint)
+    reference = _model_reference(args.reference, args.trust_remote_code)
+    reference_config = _model_config(reference, args.trust_remote_code)
+    check_eval_pair(checkpoint, checkpoint_config, reference, reference_config)
+    if args.output.suffix.lower() != ".json":
+        raise InputError(f"--output {args.output} must end in .json (the plot goes beside it, as .png)")
+    plot = args.output.with_suffix(".png")
+    check_output_folder(args.output, overwrite=args.overwrite)
+    check_output_folder(plot, overwrite=args.overwrite)
+    vision_language = is_vision_language(reference_config)
+    sources = []
+    for path in args.data or []:
+        source = load_eval_source(path)
+        if isinstance(source, list):
+            check_records_fit_model(source, str(path), vision_language=vision_language)
+        elif not isinstance(source, str):
+            check_tokenized_fits_model(source, str(path), vision_language=vision_language)
+        sources.append((path, source))
+    return EvalInputs(checkpoint, checkpoint_config, reference, reference_config, sources, plot)
+
+
+def _eval_sets(inputs: EvalInputs, processor, max_samples: int | None) -> list:
+    """The evaluation sets: each --data source, or the shipped held-out records and documentation passages."""
+    from qig_plugin.evaluation import heldout_text_passages, records_set, text_passages, text_set, tokenized_set
+    from qig_plugin.validation import InputError, check_token_ids_fit, is_vision_language, vocab_size
+
+    tokenizer = getattr(processor, "tokenizer", processor)
+    limit = slice(0, max_samples)
+    if not inputs.sources:
+        from qig_plugin.data import shipped_records, shipped_text_records
+
+        vision_language = is_vision_language(inputs.reference_config)
+        records = (shipped_records if vision_language else shipped_text_records)("heldout")[limit]
+        return [records_set("held-out records", records, processor),
+                text_set("held-out text", heldout_text_passages(tokenizer)[limit])]
+    sets = []
+    for path, source in inputs.sources:
+        if isinstance(source, str):
+            sets.append(text_set(path.name, text_passages(source, tokenizer)[limit]))
+        elif isinstance(source, list):
+            try:
+                sets.append(records_set(path.name, source[limit], processor))
+            except ValueError as error:
+                raise InputError(f"--data {path}: {error}") from error
+        else:
+            dataset = source.select(range(min(len(source), max_samples or len(source))))
+            check_token_ids_fit(dataset, str(path), vocab_size(inputs.reference_config))
+            sets.append(tokenized_set(path.name, dataset))
+    return sets
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    """Check the inputs, score the checkpoint against its reference on held-out data, print the table, write the
+    JSON and the plot."""
+    inputs = check_eval_inputs(args)
+
+    from transformers import AutoTokenizer
+
+    from qig_plugin.evaluation import evaluate, format_table, plot_summary, summarize, to_json
+    from qig_plugin.validation import TOKENIZER_FILES, check_same_tokenizer, checkpoint_scheme
+
+    checkpoint, reference = inputs.checkpoint, inputs.reference
+    scheme = checkpoint_scheme(inputs.checkpoint_config)
+    print(f"[qig] checkpoint {checkpoint} ({scheme})\n[qig] reference  {reference}", flush=True)
+    start = time.perf_counter()
+    processor = _load_processor(reference, inputs.reference_config, args.trust_remote_code)
+    if any((checkpoint / name).is_file() for name in TOKENIZER_FILES):
+        check_same_tokenizer(AutoTokenizer.from_pretrained(checkpoint), getattr(processor, "tokenizer", processor),
+                             checkpoint, reference)
+    sets = _eval_sets(inputs, processor, args.max_samples)
+    reference_model = _load_model(reference, inputs.reference_config, args.trust_remote_code)
+    quantized_model = _load_model(checkpoint, inputs.checkpoint_config, args.trust_remote_code)
+    per_sample = evaluate(reference_model, quantized_model, sets, progress=True)
+    kinds = {eval_set.name: eval_set.kind for eval_set in sets}
+    summaries = {name: summarize(values, kinds[name]) for name, values in per_sample.items()}
+    header = {"checkpoint": str(checkpoint), "reference": str(reference), "scheme": scheme}
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(to_json(header, per_sample, summaries, kinds))
+    plot_summary(per_sample, summaries, f"{checkpoint.name} ({scheme}) vs {Path(str(reference)).name}", inputs.plot)
+    print(f"\n{format_table(summaries, kinds)}\n\n[qig] wrote {args.output} and {inputs.plot} "
+          f"({time.perf_counter() - start:.1f} s)")
+    return EXIT_OK
+
+
 def serve_command(args: argparse.Namespace) -> int:
     """vLLM's OpenAI-compatible server in the serve environment, in the foreground; its exit code is returned.
 
@@ -376,7 +504,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``qig`` argument parser with its four commands."""
+    """The ``qig`` argument parser with its five commands."""
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(prog="qig", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n")[1],
                                      formatter_class=formatter)
@@ -412,6 +540,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
     serve.add_argument("--port", type=int, default=8000)
     serve.set_defaults(run=serve_command)
+
+    evaluate = commands.add_parser("eval", help="fidelity of a quantized checkpoint to its full-precision parent",
+                                   epilog=EVAL_EXAMPLES, formatter_class=formatter)
+    evaluate.add_argument("checkpoint", type=Path, help="checkpoint folder from `qig quantize`")
+    evaluate.add_argument("--reference", required=True, help="the full-precision model: a local folder or a hub id")
+    evaluate.add_argument("--data", type=Path, nargs="+",
+                          help=".txt, .json/.jsonl records or datasets folders; default: the shipped held-out set")
+    evaluate.add_argument("--max-samples", type=int, help="score at most this many samples per set (default all)")
+    evaluate.add_argument("--output", type=Path, default=Path("qig-eval.json"),
+                          help="JSON to write (the plot goes beside it as .png)")
+    evaluate.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace an existing --output and plot")
+    evaluate.set_defaults(run=eval_command)
 
     generate = commands.add_parser("generate", help="greedy generation with vLLM from a checkpoint",
                                    epilog=GENERATE_EXAMPLES, formatter_class=formatter)

@@ -46,6 +46,7 @@ ARGUMENT_RANGES = {
     "--seed": ("seed", 0, 2**32 - 1, "the seed of the sample order"),
     "--port": ("port", 1, 65535, "the TCP port to listen on"),
     "--max-tokens": ("max_tokens", 1, None, "the number of tokens to generate"),
+    "--max-samples": ("max_samples", 1, None, "the samples scored per evaluation set"),
 }
 
 
@@ -638,6 +639,104 @@ def check_checkpoint_folder(path: Path) -> dict:
     if not any(path.glob("*.safetensors")):
         raise InputError(f"{path} has no safetensors weights; pass the --output of a finished `qig quantize`")
     return read_config(path)
+
+
+def vocab_size(config: dict) -> int | None:
+    """The language model's vocabulary size: ``text_config.vocab_size`` for VLMs, else ``vocab_size``."""
+    size = config.get("text_config", {}).get("vocab_size", config.get("vocab_size"))
+    return size if isinstance(size, int) else None
+
+
+def checkpoint_scheme(config: dict) -> str | None:
+    """The scheme of a compressed-tensors checkpoint's ``quantization_config`` (e.g. ``W4A16``), None when it has
+    none; ``W<weight bits>A<activation bits>`` (``A16`` without activation quantization), ``FP<bits>`` for floats,
+    several groups joined by ``+``."""
+    quantization = config.get("quantization_config")
+    if not isinstance(quantization, dict):
+        return None
+    names = []
+    for group in (quantization.get("config_groups") or {}).values():
+        weights, activations = group.get("weights") or {}, group.get("input_activations") or {}
+        if not weights:
+            continue
+        if weights.get("type") == "float" or activations.get("type") == "float":
+            names.append(f"FP{weights.get('num_bits')}")
+        else:
+            names.append(f"W{weights.get('num_bits')}A{activations.get('num_bits', 16)}")
+    return "+".join(dict.fromkeys(names)) or quantization.get("quant_method", "quantized")
+
+
+def check_eval_pair(checkpoint: Path, checkpoint_config: dict, reference: str | Path, reference_config: dict) -> None:
+    """``qig eval``'s two models fit together: a quantized checkpoint, an unquantized reference of the same
+    architecture (model type, vision or not) and vocabulary size."""
+    if not isinstance(checkpoint_config.get("quantization_config"), dict):
+        raise InputError(
+            f"{checkpoint} is not a quantized checkpoint (its config.json has no quantization_config); "
+            "pass the --output of `qig quantize` (or of llm-compressor's save_pretrained(save_compressed=True))"
+        )
+    if isinstance(reference_config.get("quantization_config"), dict):
+        raise InputError(
+            f"--reference {reference} is itself quantized ({checkpoint_scheme(reference_config)}); "
+            "pass the full-precision model the checkpoint was quantized from"
+        )
+    kinds = {name: ("vision-language" if is_vision_language(config) else "text-only", config.get("model_type"))
+             for name, config in (("checkpoint", checkpoint_config), ("reference", reference_config))}
+    if kinds["checkpoint"] != kinds["reference"]:
+        (kind, model_type), (reference_kind, reference_type) = kinds["checkpoint"], kinds["reference"]
+        raise InputError(
+            f"{checkpoint} is a {kind} {model_type} model but --reference {reference} is a {reference_kind} "
+            f"{reference_type} model; pass the model the checkpoint was quantized from"
+        )
+    sizes = vocab_size(checkpoint_config), vocab_size(reference_config)
+    if sizes[0] != sizes[1]:
+        raise InputError(
+            f"mismatched vocabularies: {checkpoint} has {sizes[0]} tokens but --reference {reference} has {sizes[1]}; "
+            "next-token distributions can be compared only over one vocabulary: pass the model the checkpoint was "
+            "quantized from"
+        )
+
+
+def check_same_tokenizer(checkpoint_tokenizer, reference_tokenizer, checkpoint: Path, reference: str | Path) -> None:
+    """The checkpoint's tokenizer maps the same tokens to the same ids as the reference's."""
+    ours, theirs = checkpoint_tokenizer.get_vocab(), reference_tokenizer.get_vocab()
+    if ours == theirs:
+        return
+    differing = sorted(set(ours.items()) ^ set(theirs.items()), key=lambda item: item[1])
+    token, token_id = differing[0]
+    where = "the checkpoint's" if ours.get(token) == token_id else "the reference's"
+    raise InputError(
+        f"mismatched vocabularies: the tokenizers of {checkpoint} ({len(ours)} tokens) and --reference {reference} "
+        f"({len(theirs)} tokens) differ (e.g. {token!r} is id {token_id} only in {where}); pass the model the "
+        "checkpoint was quantized from"
+    )
+
+
+def check_token_ids_fit(dataset, source: str, size: int | None) -> None:
+    """A tokenized set's ids are all below the model's vocabulary ``size``."""
+    if size is None:
+        return
+    largest = max((max(row["input_ids"]) for row in dataset if len(row["input_ids"])), default=-1)
+    if largest >= size:
+        raise InputError(
+            f"mismatched vocabularies: {source} holds token id {largest}, but the model's vocabulary has {size} "
+            "tokens; tokenize the data with the model's tokenizer"
+        )
+
+
+def load_eval_source(path: Path):
+    """``qig eval --data``: a ``.txt`` file (its text, for perplexity) or what :func:`load_calibration_source`
+    takes (records, with or without answers, or a tokenized datasets folder)."""
+    if path.suffix == ".txt" and path.is_file():
+        text = path.read_text(errors="replace")
+        if len(text.split()) < 2:
+            raise InputError(f"{path} holds no text to score; give a text file of at least a few words")
+        return text
+    if not path.exists():
+        raise InputError(
+            f"evaluation data {path} does not exist; pass a .txt file, a .json/.jsonl file of records or a datasets "
+            "folder, or leave out --data to use the shipped held-out set"
+        )
+    return load_calibration_source(path)
 
 
 def check_tokenized_dataset(dataset, source: str) -> None:

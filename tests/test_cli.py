@@ -21,7 +21,7 @@ def quantize(model_dir, output, seed=0):
                  "--output", str(output)])
 
 
-@pytest.mark.parametrize("command", ["quantize", "explain", "serve", "generate"])
+@pytest.mark.parametrize("command", ["quantize", "eval", "explain", "serve", "generate"])
 def test_every_command_has_help_with_examples(command, capsys):
     assert main([command, "--help"]) == 0
     assert f"qig {command}" in capsys.readouterr().out.split("examples:")[1]
