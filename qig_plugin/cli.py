@@ -28,6 +28,7 @@ SCHEMES = ("W4A16", "W3A16", "W4A8", "W8A8")
 METHODS = {"qig-gptq": "qig_gptq", "gptq": "gptq"}
 DEFAULT_SAMPLES = 16
 LOAD_DTYPE_BYTES = 4  # models are loaded, calibrated and saved in float32
+QUANTIZE_LOG = "qig-quantize.log"  # llm-compressor's log lines of the run, in the checkpoint folder
 
 QUANTIZE_EXAMPLES = """examples:
   qig quantize ~/.cache/qig-plugin/smolvlm-smollm2-135m-random-vision --scheme W8A8 --output out/w8a8
@@ -87,31 +88,28 @@ GENERATE_EXAMPLES = """examples:
 """
 
 
-def _model_reference(reference: str, trust_remote_code: bool) -> str | Path:
-    """A checked local folder, or a hub id (checked when it is downloaded)."""
-    from qig_plugin.validation import check_model_folder, is_hub_id
+def _model_reference(reference: str, trust_remote_code: bool) -> Path:
+    """A checked local model folder: ``reference`` itself, or for a hub id (``ORG/NAME``, no such local path) its
+    folder in the Hugging Face cache, downloaded there if needed (as ``from_pretrained`` does)."""
+    from qig_plugin.validation import check_model_folder, is_hub_id, resolve_hub_model
 
     if is_hub_id(reference):
-        return reference
-    model_dir = Path(reference).expanduser()
+        model_dir = resolve_hub_model(reference, trust_remote_code=trust_remote_code)
+    else:
+        model_dir = Path(reference).expanduser()
     check_model_folder(model_dir, trust_remote_code=trust_remote_code)
     return model_dir
 
 
-def _model_config(model: str | Path, trust_remote_code: bool) -> dict:
-    from qig_plugin.validation import InputError, read_config
+def _shown(argument: str, folder: Path) -> str:
+    """How a model is named in messages: as given, with its cache folder for a hub id."""
+    return argument if Path(argument).expanduser() == folder else f"{argument} ({folder})"
 
-    if isinstance(model, Path):
-        return read_config(model)
-    from transformers import AutoConfig
 
-    try:
-        return AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code).to_dict()
-    except OSError as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise InputError(
-            f"{model} is no local folder and no hub model that can be fetched ({reason}); pass a model folder"
-        ) from error
+def _model_config(model: Path, trust_remote_code: bool) -> dict:
+    from qig_plugin.validation import read_config
+
+    return read_config(model)
 
 
 def _recipe_path(args: argparse.Namespace, config: dict) -> Path:
@@ -137,7 +135,7 @@ def _load_processor(model: str | Path, config: dict, trust_remote_code: bool):
     if not is_vision_language(config):
         return AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
     if config.get("model_type") == "idefics3":  # the offline path: no torchvision needed
-        return load_processor(model) if isinstance(model, Path) else AutoProcessor.from_pretrained(model)
+        return load_processor(model)
     return AutoProcessor.from_pretrained(model, trust_remote_code=trust_remote_code)
 
 
@@ -171,7 +169,7 @@ def _folder_bytes(folder: Path) -> int:
 class QuantizeInputs:
     """Everything ``qig quantize`` checked before loading the model."""
 
-    model: str | Path  # a checked local folder or a hub id
+    model: Path  # a checked local folder (a hub id's in the Hugging Face cache)
     config: dict  # its config.json
     recipe: Path
     scheme: str  # e.g. "W8A8"
@@ -182,11 +180,10 @@ class QuantizeInputs:
 def check_quantize_inputs(args: argparse.Namespace) -> QuantizeInputs:
     """The validation pass of ``qig quantize``: every input, before any model is loaded or any file written.
 
-    The model folder, the recipe (parsed; for a local model, its weight groups divide the linears' widths read
-    from the safetensors headers), the scheme's servability, the output location (writable, not the model
-    folder, room on its disk for a local model's checkpoint) and the calibration data (images decoded, fitting
-    the model: no images for a text-only LLM). A hub model's shapes are checked once it is loaded, by
-    ``quantize_to_checkpoint`` before calibration.
+    The model folder (a hub id's in the Hugging Face cache, downloaded there if needed), the recipe (parsed; its
+    weight groups divide the linears' widths read from the safetensors headers), the scheme's servability, the
+    output location (writable, not the model folder, room on its disk for the checkpoint) and the calibration data
+    (images decoded, fitting the model: no images for a text-only LLM).
     """
     from qig_plugin.serving import cpu_serving_support
     from qig_plugin.validation import (
@@ -214,13 +211,12 @@ def check_quantize_inputs(args: argparse.Namespace) -> QuantizeInputs:
     scheme = recipe_scheme(modifiers)
     if not args.allow_unservable:
         check_servable(scheme, cpu_serving_support())
-    if isinstance(model, Path) and args.output.resolve() == model.resolve():
+    if args.output.resolve() == model.resolve():
         raise InputError(f"--output {args.output} is the model folder; choose another folder for the checkpoint")
     check_checkpoint_output(args.output, overwrite=args.overwrite)
-    if isinstance(model, Path):  # a hub model's shapes are checked once it is loaded, before calibration
-        shapes, weights = safetensors_shapes(model), recipe_quantized_weights(modifiers)
-        check_group_divisibility(shapes, weights, f"recipe {recipe.name}")
-        check_free_space(args.output, checkpoint_size(shapes, weights, LOAD_DTYPE_BYTES), scheme)
+    shapes, weights = safetensors_shapes(model), recipe_quantized_weights(modifiers)
+    check_group_divisibility(shapes, weights, f"recipe {recipe.name}")
+    check_free_space(args.output, checkpoint_size(shapes, weights, LOAD_DTYPE_BYTES), scheme)
 
     data_name = str(args.data) if args.data is not None else "the shipped set"
     if args.data is not None:
@@ -256,24 +252,46 @@ def _calibration_dataset(inputs: QuantizeInputs, processor, args: argparse.Names
 
 
 def quantize_command(args: argparse.Namespace) -> int:
+    """:func:`_quantize` with llm-compressor's log lines in a log (see ``qig_plugin.console``) that ends up in the
+    checkpoint as ``QUANTIZE_LOG``. A run that fails after the model load (not for bad input) keeps the log in the
+    temporary folder and names it."""
+    from qig_plugin.console import captured_logs
+    from qig_plugin.validation import InputError
+
+    with captured_logs("qig-quantize", verbose=args.verbose) as log:
+        try:
+            return _quantize(args, log)
+        except InputError:
+            raise
+        except BaseException:
+            if log.work_started and log.path is not None:
+                log.keep = True
+                print(f"[qig] the run's log: {log.path}", file=sys.stderr)
+            raise
+
+
+def _quantize(args: argparse.Namespace, log) -> int:
     """Check every input, load the tokenizer or processor and tokenize, load the model, calibrate, write the
-    checkpoint, print a summary."""
-    inputs = check_quantize_inputs(args)
+    checkpoint with ``log`` in it, print a summary."""
+    with log.imports():  # validation imports llm-compressor (to parse the recipe)
+        inputs = check_quantize_inputs(args)
+        from transformers import set_seed
 
-    from transformers import set_seed
-
-    from qig_plugin.quantize import quantize_to_checkpoint
+        from qig_plugin.quantize import quantize_to_checkpoint
 
     model, recipe, scheme = inputs.model, inputs.recipe, inputs.scheme
-    print(f"[qig] model {model}\n[qig] recipe {recipe} ({scheme})", flush=True)
+    print(f"[qig] model {_shown(args.model, model)}\n[qig] recipe {recipe} ({scheme})", flush=True)
     start = time.perf_counter()
     processor = _load_processor(model, inputs.config, args.trust_remote_code)
     dataset = _calibration_dataset(inputs, processor, args)
+    log.work_started = True
     loaded = _load_model(model, inputs.config, args.trust_remote_code)
 
     set_seed(args.seed)
-    report = quantize_to_checkpoint(loaded, processor, recipe, dataset, args.output, overwrite=args.overwrite)
-    size_before = f"{_folder_bytes(model) / 1e6:.0f} MB" if isinstance(model, Path) else "unknown (hub model)"
+    report = quantize_to_checkpoint(loaded, processor, recipe, dataset, args.output, overwrite=args.overwrite,
+                                    extra_files={QUANTIZE_LOG: log.text})
+    size_before = f"{_folder_bytes(model) / 1e6:.0f} MB"
+    (report.output_dir / QUANTIZE_LOG).write_text(log.text())  # with the lines logged after the save
     print(
         f"\n[qig] wrote {report.output_dir}\n"
         f"  scheme       {scheme} ({recipe.name})\n"
@@ -281,6 +299,7 @@ def quantize_command(args: argparse.Namespace) -> int:
         f"  weights      {size_before} -> {_folder_bytes(report.output_dir) / 1e6:.0f} MB\n"
         f"  time         {time.perf_counter() - start:.1f} s (calibration {report.calibration_s:.1f} s, "
         f"save {report.save_s:.1f} s)\n"
+        f"  log          {report.output_dir / QUANTIZE_LOG} ({log.describe()}; --verbose prints it)\n"
         f"  serve it     qig serve {report.output_dir}"
     )
     return EXIT_OK
@@ -328,7 +347,7 @@ def explain_command(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     explanation = explain_sample(loaded, processor, CalibrationRecord(image, args.prompt, args.answer), modifiers)
-    title = f"QIG token weights, {Path(str(model)).name}, W{weight_bits} grid: {args.prompt!r}"
+    title = f"QIG token weights, {Path(args.model).name}, W{weight_bits} grid: {args.prompt!r}"
     plot_explanation(explanation, layers, args.output, title)
     print(f"[qig] wrote {args.output} ({len(explanation.tokens)} tokens, {num_layers} layers, "
           f"{time.perf_counter() - start:.1f} s)")
@@ -347,7 +366,7 @@ class EvalInputs:
 
     checkpoint: Path
     checkpoint_config: dict
-    reference: str | Path  # a checked local folder or a hub id
+    reference: Path  # a checked local folder (a hub id's in the Hugging Face cache)
     reference_config: dict
     sources: list[tuple[Path, object]]  # --data: (path, text | records | tokenized Dataset)
     plot: Path
@@ -432,7 +451,7 @@ def eval_command(args: argparse.Namespace) -> int:
 
     checkpoint, reference = inputs.checkpoint, inputs.reference
     scheme = checkpoint_scheme(inputs.checkpoint_config)
-    print(f"[qig] checkpoint {checkpoint} ({scheme})\n[qig] reference  {reference}", flush=True)
+    print(f"[qig] checkpoint {checkpoint} ({scheme})\n[qig] reference  {_shown(args.reference, reference)}", flush=True)
     start = time.perf_counter()
     processor = _load_processor(reference, inputs.reference_config, args.trust_remote_code)
     if any((checkpoint / name).is_file() for name in TOKENIZER_FILES):
@@ -444,10 +463,10 @@ def eval_command(args: argparse.Namespace) -> int:
     per_sample = evaluate(reference_model, quantized_model, sets, progress=True)
     kinds = {eval_set.name: eval_set.kind for eval_set in sets}
     summaries = {name: summarize(values, kinds[name]) for name, values in per_sample.items()}
-    header = {"checkpoint": str(checkpoint), "reference": str(reference), "scheme": scheme}
+    header = {"checkpoint": str(checkpoint), "reference": args.reference, "scheme": scheme}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(to_json(header, per_sample, summaries, kinds))
-    plot_summary(per_sample, summaries, f"{checkpoint.name} ({scheme}) vs {Path(str(reference)).name}", inputs.plot)
+    plot_summary(per_sample, summaries, f"{checkpoint.name} ({scheme}) vs {Path(args.reference).name}", inputs.plot)
     print(f"\n{format_table(summaries, kinds)}\n\n[qig] wrote {args.output} and {inputs.plot} "
           f"({time.perf_counter() - start:.1f} s)")
     return EXIT_OK
@@ -521,6 +540,8 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--seed", type=int, default=0, help="seed of the sample order (default 0)")
     quantize.add_argument("--allow-unservable", action="store_true",
                           help="quantize even if vLLM on this CPU cannot serve the scheme")
+    quantize.add_argument("--verbose", action="store_true",
+                          help=f"print llm-compressor's log lines too (they always go to <output>/{QUANTIZE_LOG})")
     quantize.set_defaults(run=quantize_command)
 
     explain = commands.add_parser("explain", help="picture QIG token weights of one sample as a PNG",

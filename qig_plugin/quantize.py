@@ -10,6 +10,7 @@ appears only when the checkpoint is complete.
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,6 +118,7 @@ def quantize_to_checkpoint(
     *,
     sequential_targets: list[str] | None = None,
     overwrite: bool = False,
+    extra_files: Mapping[str, Callable[[], str]] | None = None,
 ) -> QuantizeReport:
     """Calibrate ``model`` with ``recipe`` on ``dataset`` (see :func:`calibrate`) and write a compressed checkpoint.
 
@@ -127,6 +129,8 @@ def quantize_to_checkpoint(
 
     :param output_dir: the checkpoint folder to create
     :param overwrite: replace an existing ``output_dir``
+    :param extra_files: text files to write into the checkpoint (name -> a function returning the text), e.g. the
+        run's log; written last, just before the checkpoint folder appears
     :raises InputError: (``qig_plugin.validation``) a check failed; nothing was written
     """
     output_dir = Path(output_dir)
@@ -142,6 +146,8 @@ def quantize_to_checkpoint(
         processor.save_pretrained(staging)
         if hasattr(processor, "image_processor"):  # preprocessor_config.json, which vLLM and load_processor read
             processor.image_processor.save_pretrained(staging)
+        for name, text in (extra_files or {}).items():
+            (staging / name).write_text(text())
         if output_dir.exists():
             shutil.rmtree(output_dir)
         staging.rename(output_dir)

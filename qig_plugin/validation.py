@@ -83,6 +83,56 @@ def is_hub_id(reference: str) -> bool:
     return not Path(reference).expanduser().exists() and HUB_ID.match(reference) is not None
 
 
+HUB_FILE_PATTERNS = ("*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken", "tokenizer*")
+
+
+def resolve_hub_model(repo_id: str, *, trust_remote_code: bool) -> Path:
+    """The local folder of hub model ``repo_id`` (``ORG/NAME``) in the Hugging Face cache, downloaded there first
+    if it is not cached yet, as ``from_pretrained`` does (``$HF_HOME``/``$HF_HUB_CACHE``, ``$HF_TOKEN``;
+    ``HF_HUB_OFFLINE=1`` reads the cache only).
+
+    Fetches what ``qig`` reads: configs, safetensors weights, tokenizer and processor files (and model code with
+    ``trust_remote_code``), never pickle weights.
+    """
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    patterns = [*HUB_FILE_PATTERNS, *(["*.py"] if trust_remote_code else [])]
+    cache = constants.HF_HUB_CACHE
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except LocalEntryNotFoundError as error:
+        if constants.HF_HUB_OFFLINE:
+            raise InputError(
+                f"{repo_id} is no local folder, and the hub model {repo_id} is not in the Hugging Face cache "
+                f"({cache}) while HF_HUB_OFFLINE=1 forbids downloading it; download it once where the hub can be "
+                f"reached (`hf download {repo_id}`, same HF_HOME), or pass a local model folder"
+            ) from error
+        raise InputError(
+            f"{repo_id} is no local folder, the hub cannot be reached ({_first_line(error)}) and the model is not "
+            f"in the Hugging Face cache ({cache}); connect to the hub or pass a local model folder"
+        ) from error
+    except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError) as error:
+        raise InputError(
+            f"{repo_id} is no local folder and no model on the hub that this account can read "
+            f"({type(error).__name__}); check the id, log in for a private or gated model (`hf auth login` or "
+            "HF_TOKEN), or pass a local model folder"
+        ) from error
+    except (HfHubHTTPError, OSError) as error:
+        raise InputError(f"{repo_id}: downloading it from the hub failed ({_first_line(error)}); "
+                         "try again or pass a local model folder") from error
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
 def read_config(model_dir: Path) -> dict:
     """The folder's ``config.json`` as a dict."""
     try:

@@ -2,6 +2,7 @@
 help texts, and the serve/generate wrappers' checks and commands."""
 
 import json
+import os
 import subprocess
 
 import pytest
@@ -27,10 +28,17 @@ def test_every_command_has_help_with_examples(command, capsys):
     assert f"qig {command}" in capsys.readouterr().out.split("examples:")[1]
 
 
-def test_quantize_writes_a_servable_checkpoint_and_a_summary(tiny_vlm_dir, tmp_path, capsys):
+def test_quantize_writes_a_servable_checkpoint_and_a_summary(tiny_vlm_dir, tmp_path, capfd):
     assert quantize(tiny_vlm_dir, tmp_path / "w8a8") == 0
-    out = capsys.readouterr().out
+    out, err = capfd.readouterr()
     assert "scheme       W8A8 (qig_gptq_w8a8.yaml)" in out and "samples      2" in out
+    # a quiet console: llm-compressor's progress bars, no log lines; those are in the checkpoint's log
+    assert "Calibrating: 100%" in err and "Propagating" in err
+    assert not [line for line in (out + err).splitlines() if " | INFO - " in line or " | METRIC - " in line
+                or " | WARNING - " in line or "Warning:" in line]
+    log = (tmp_path / "w8a8" / "qig-quantize.log").read_text()
+    assert "| compress_module_list | INFO - Quantizing 1 module(s)" in log and "| METRIC - error" in log
+    assert f"log          {tmp_path / 'w8a8' / 'qig-quantize.log'} (" in out
     checkpoint = tmp_path / "w8a8"
     config = json.loads((checkpoint / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "compressed-tensors"
@@ -55,6 +63,31 @@ def test_overwrite_replaces_an_existing_checkpoint(tiny_vlm_dir, tmp_path):
     assert main(["quantize", str(tiny_vlm_dir), "--scheme", "W8A8", "--samples", "1", "--overwrite",
                  "--output", str(tmp_path / "out")]) == 0
     assert not (tmp_path / "out" / "stale.txt").exists() and (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_quantize_verbose_prints_the_log_lines(tiny_vlm_dir, tmp_path, capfd):
+    assert main(["quantize", str(tiny_vlm_dir), "--scheme", "W8A8", "--samples", "1", "--verbose",
+                 "--output", str(tmp_path / "out")]) == 0
+    out = capfd.readouterr().out
+    assert "| compress_module_list | INFO - Quantizing 1 module(s)" in out and "| METRIC - error" in out
+    assert "| METRIC - error" in (tmp_path / "out" / "qig-quantize.log").read_text()
+
+
+def test_a_failed_quantize_keeps_its_log_outside_the_output(tiny_vlm_dir, tmp_path, capsys, monkeypatch):
+    import qig_plugin.quantize
+
+    def fail(*args, **kwargs):
+        from loguru import logger
+
+        logger.info("calibration starts")
+        raise RuntimeError("calibration broke")
+
+    monkeypatch.setattr(qig_plugin.quantize, "calibrate", fail)
+    assert quantize(tiny_vlm_dir, tmp_path / "out") == 1
+    err = capsys.readouterr().err
+    log = err.split("[qig] the run's log: ")[1].split()[0]
+    assert "calibration starts" in open(log).read() and not (tmp_path / "out").exists()
+    os.unlink(log)
 
 
 def test_serve_starts_vllm_on_loopback(tmp_path, monkeypatch):
