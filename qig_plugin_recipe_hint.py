@@ -29,26 +29,37 @@ def add_missing_plugin_errors(factory_class) -> None:
             factory_class._errors[name] = missing_plugin_error(name)
 
 
-class _FactoryImportWatcher(importlib.abc.MetaPathFinder):
-    """Runs ``add_missing_plugin_errors`` right after the factory module executes."""
+class RunAfterImport(importlib.abc.MetaPathFinder):
+    """A one-shot import hook: runs ``callback(module)`` right after the module ``fullname`` has executed.
+
+    Installed with ``sys.meta_path.insert(0, RunAfterImport(name, callback))``; it removes itself when
+    the module is first imported. Also used by ``qig_plugin.registry``.
+    """
+
+    def __init__(self, fullname: str, callback):
+        self.fullname = fullname
+        self.callback = callback
 
     def find_spec(self, fullname, path, target=None):
-        if fullname != FACTORY_MODULE:
+        if fullname != self.fullname:
             return None
+        sys.meta_path.remove(self)
         spec = importlib.machinery.PathFinder.find_spec(fullname, path)
         if spec is None or spec.loader is None:
-            return None
+            return spec
         exec_module = spec.loader.exec_module
 
-        def exec_then_add_errors(module):
+        def exec_then_callback(module):
             exec_module(module)
-            add_missing_plugin_errors(module.ModifierFactory)
+            self.callback(module)
 
-        spec.loader.exec_module = exec_then_add_errors
+        spec.loader.exec_module = exec_then_callback
         return spec
 
 
 if FACTORY_MODULE in sys.modules:
     add_missing_plugin_errors(sys.modules[FACTORY_MODULE].ModifierFactory)
 else:
-    sys.meta_path.insert(0, _FactoryImportWatcher())
+    sys.meta_path.insert(
+        0, RunAfterImport(FACTORY_MODULE, lambda module: add_missing_plugin_errors(module.ModifierFactory))
+    )

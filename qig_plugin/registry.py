@@ -13,8 +13,6 @@ of its own import; every ``qig_plugin`` module that imports llm-compressor impor
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.machinery
 import importlib.util
 import sys
 
@@ -30,27 +28,6 @@ def register_modifiers() -> None:
         register_modifier(modifier_class)
 
 
-class _RegisterAfterImport(importlib.abc.MetaPathFinder):
-    """Runs :func:`register_modifiers` right after the ``llmcompressor`` package finished importing."""
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname != LLMCOMPRESSOR:
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if spec is None or spec.loader is None:
-            return spec
-        exec_module = spec.loader.exec_module
-
-        def exec_then_register(module):
-            exec_module(module)
-            if not _importing_plugin_modules():
-                register_modifiers()
-
-        spec.loader.exec_module = exec_then_register
-        return spec
-
-
 def _importing_plugin_modules() -> bool:
     """Whether a ``qig_plugin`` submodule is being imported right now (some of its names may not exist yet)."""
     return any(
@@ -60,9 +37,16 @@ def _importing_plugin_modules() -> bool:
     )
 
 
+def _register_unless_importing_plugin_modules(_llmcompressor) -> None:
+    if not _importing_plugin_modules():
+        register_modifiers()
+
+
 def register_when_llmcompressor_loads() -> None:
     """Register now if llm-compressor is imported, later when it is; nothing where it is not installed."""
     if LLMCOMPRESSOR in sys.modules:
         register_modifiers()
     elif importlib.util.find_spec(LLMCOMPRESSOR) is not None:
-        sys.meta_path.insert(0, _RegisterAfterImport())
+        from qig_plugin_recipe_hint import RunAfterImport  # installed beside the package (see pyproject.toml)
+
+        sys.meta_path.insert(0, RunAfterImport(LLMCOMPRESSOR, _register_unless_importing_plugin_modules))

@@ -127,30 +127,32 @@ def test_qig_settings_are_validated_together():
     assert QIGSettings(qig_iqr_clip=False).iqr_multiplier is None
 
 
-def test_qig_help_and_bad_usage_import_neither_torch_nor_llmcompressor():
-    code = (
-        "import sys\n"
-        "from qig_plugin.cli import main\n"
-        "assert main(['--help']) == 0\n"
-        "assert main(['quantize']) == 2\n"
-        "import qig_plugin.serve_env\n"
-        "heavy = sorted({'torch', 'llmcompressor', 'transformers'} & set(sys.modules))\n"
-        "print('HEAVY', heavy)\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+def run_python(*lines: str) -> str:
+    """Run the lines in a fresh interpreter; return its stdout (it must exit 0)."""
+    result = subprocess.run([sys.executable, "-c", "\n".join(lines)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert "HEAVY []" in result.stdout
+    return result.stdout
+
+
+def test_qig_help_and_bad_usage_import_neither_torch_nor_llmcompressor():
+    output = run_python(
+        "import sys",
+        "from qig_plugin.cli import main",
+        "assert main(['--help']) == 0",
+        "assert main(['quantize']) == 2",
+        "import qig_plugin.serve_env",
+        "print('HEAVY', sorted({'torch', 'llmcompressor', 'transformers'} & set(sys.modules)))",
+    )
+    assert "HEAVY []" in output
 
 
 def test_import_qig_plugin_registers_the_modifiers_once_llmcompressor_loads():
-    code = (
-        "import sys\n"
-        "import qig_plugin\n"
-        "assert 'llmcompressor' not in sys.modules\n"
-        "from llmcompressor.recipe import Recipe\n"
-        "recipe = 'quant_stage:\\n  quant_modifiers:\\n    QIGGPTQModifier: {targets: Linear, scheme: W8A8}\\n'\n"
-        "print(type(Recipe.create_instance(recipe).modifiers[0]).__name__)\n"
+    output = run_python(
+        "import sys",
+        "import qig_plugin",
+        "assert 'llmcompressor' not in sys.modules",
+        "from llmcompressor.recipe import Recipe",
+        "recipe = 'quant_stage:\\n  quant_modifiers:\\n    QIGGPTQModifier: {targets: Linear, scheme: W8A8}\\n'",
+        "print(type(Recipe.create_instance(recipe).modifiers[0]).__name__)",
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().endswith("QIGGPTQModifier")
+    assert output.strip().endswith("QIGGPTQModifier")

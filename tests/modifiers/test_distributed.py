@@ -136,7 +136,7 @@ def _awq_loss(batches: list[int]) -> float:
     weights = [torch.rand(1, AWQ_TOKENS, generator=generator) * (i + 1) for i in range(SAMPLES)]
     modifier = QIGAWQModifier()
     modifier._loss_weights = [weights[i] for i in batches]
-    return modifier._compute_loss([reference[i] for i in batches], [candidate[i] for i in batches])
+    return modifier.search_loss([reference[i] for i in batches], [candidate[i] for i in batches])
 
 
 def _rank_main(rank: int, port: int, model_dir: Path, data_dir: Path, out_dir: Path):

@@ -7,11 +7,11 @@ from datasets import Dataset
 from llmcompressor import oneshot
 from llmcompressor.modifiers.quantization import QuantizationModifier
 from llmcompressor.modifiers.transform.awq import AWQModifier
-from llmcompressor.pipelines.cache import IntermediatesCache
 from safetensors.torch import load_file
 
 import qig_plugin  # noqa: F401  (registers the modifiers)
 from qig_plugin.modifiers import QIGAWQModifier
+from qig_plugin.upstream import unpinned_caches_without_accelerator
 from qig_plugin.modifiers.language_model import language_model_name, scope_to_language_model
 from qig_plugin.quantize import quantize_to_checkpoint
 from tests.modifiers.tiny_llama import SEQ, VOCAB, calibrate_tiny_llama, load_tiny_llama, tiny_tokenizer
@@ -44,10 +44,10 @@ def quantize(model_dir, awq, output_dir):
 
 
 @pytest.fixture(autouse=True)
-def stock_awq_runs_on_cpu(monkeypatch):
+def stock_awq_runs_on_cpu():
     """Stock AWQ 0.14.0.1 pins its cache unconditionally, which fails on CPU-only torch."""
-    if not torch.accelerator.is_available():
-        monkeypatch.setattr(IntermediatesCache, "pin_memory", lambda self, batch_index, input_names=None: None)
+    with unpinned_caches_without_accelerator():
+        yield
 
 
 @pytest.fixture
