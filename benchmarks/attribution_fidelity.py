@@ -12,7 +12,7 @@ scores. Cost is the number of block evaluations per token (nodes). Writes
 
 import argparse
 import json
-from functools import partial
+from pathlib import Path
 
 import matplotlib
 
@@ -26,7 +26,6 @@ from qig_plugin.attribution import discrepancy, fake_quantize_weight, integrated
 from qig_plugin.data import batch_one_collator, build_calibration_dataset, shipped_records
 from qig_plugin.models import build_default_model, load_model, load_processor
 from qig_plugin.attribution import linear_weights
-
 
 RESULTS = Path(__file__).resolve().parent / "results"
 W4_GROUP64 = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=64)

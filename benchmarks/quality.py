@@ -22,7 +22,6 @@ Cell wall times are the ``oneshot`` calibration alone (same data, one run each).
 """
 
 import argparse
-import dataclasses
 import json
 import subprocess
 import sys
