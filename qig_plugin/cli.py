@@ -125,18 +125,11 @@ def _recipe_path(args: argparse.Namespace, config: dict) -> Path:
     return shipped_recipe(f"{METHODS[args.method]}_{args.scheme.lower()}{suffix}")
 
 
-def _load_processor(model: str | Path, config: dict, trust_remote_code: bool):
+def _load_processor(model: Path, config: dict, trust_remote_code: bool):
     """The model's processor: a VLM's (image processor and tokenizer), or a text-only LLM's tokenizer."""
-    from transformers import AutoProcessor, AutoTokenizer
+    from qig_plugin.loading import auto_processor
 
-    from qig_plugin.models import load_processor
-    from qig_plugin.validation import is_vision_language
-
-    if not is_vision_language(config):
-        return AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
-    if config.get("model_type") == "idefics3":  # the offline path: no torchvision needed
-        return load_processor(model)
-    return AutoProcessor.from_pretrained(model, trust_remote_code=trust_remote_code)
+    return auto_processor(model, config, trust_remote_code=trust_remote_code)
 
 
 def _load_model(model: str | Path, config: dict, trust_remote_code: bool):
