@@ -83,15 +83,19 @@ def _calibrate(model_dir: Path, data_dir: Path, shard: range) -> dict:
     gptq_base.GPTQModifier.calibrate_module = record_terms
     gptq_base.GPTQModifier.compress_module_list = record_hessians
     model = load_tiny_llama(model_dir)
-    oneshot(
-        model=model,
-        processor=tiny_tokenizer(),
-        dataset=load_from_disk(str(data_dir)).select(shard),
-        recipe=[QIGGPTQModifier(qig_steps=2, scheme="W8A8", ignore=["lm_head"])],
-        num_calibration_samples=len(shard),
-        pipeline="sequential",
-        shuffle_calibration_samples=False,
-    )
+    try:
+        oneshot(
+            model=model,
+            processor=tiny_tokenizer(),
+            dataset=load_from_disk(str(data_dir)).select(shard),
+            recipe=[QIGGPTQModifier(qig_steps=2, scheme="W8A8", ignore=["lm_head"])],
+            num_calibration_samples=len(shard),
+            pipeline="sequential",
+            shuffle_calibration_samples=False,
+        )
+    finally:  # the single-process run happens in the test process: later tests get stock GPTQ back
+        gptq_base.GPTQModifier.calibrate_module = real_calibrate
+        gptq_base.GPTQModifier.compress_module_list = real_compress
     return {
         "hessians": hessians,
         "abs_hessians": abs_hessians,  # this process's own samples only
