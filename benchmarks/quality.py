@@ -4,7 +4,7 @@
     python benchmarks/quality.py              # every scheme x method on both models, then the ablation
     python benchmarks/quality.py --models vlm --schemes w3a16 --methods gptq qig_gptq
 
-Models: ``vlm``, the default model (real SmolLM2-135M-Instruct in SmolVLM, random vision tower), and ``text``,
+Models: ``vlm``, the default model (real SmolLM2-135M-Instruct in SmolVLM, docs/model-card.md), and ``text``,
 its language model alone. Both calibrate on the shipped calibration records (the text model on their text
 without the photos) and are scored on data calibration never sees: the held-out records (held-out photos,
 prompts and documentation passages) and held-out ``pydoc_data.topics`` text. Metrics against the

@@ -31,7 +31,7 @@ LOAD_DTYPE_BYTES = 4  # models are loaded, calibrated and saved in float32
 QUANTIZE_LOG = "qig-quantize.log"  # llm-compressor's log lines of the run, in the checkpoint folder
 
 QUANTIZE_EXAMPLES = """examples:
-  qig quantize ~/.cache/qig-plugin/smolvlm-smollm2-135m-random-vision --scheme W8A8 --output out/w8a8
+  qig quantize ~/.cache/qig-plugin/smolvlm-smollm2-135m-easy-vqa --scheme W8A8 --output out/w8a8
   qig quantize ~/.cache/qig-plugin/smollm2-135m-instruct --scheme W8A8 --output out/text-w8a8   # a text-only LLM
   qig quantize MODEL --scheme W4A16 --method gptq --samples 32 --output out/gptq-w4a16
   qig quantize MODEL --recipe qig_gptq_w4a8 --data my_records.jsonl --output out/w4a8

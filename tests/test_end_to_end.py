@@ -9,12 +9,13 @@ import json
 
 import pytest
 
-from qig_plugin.data import build_calibration_dataset, load_photo, shipped_records
-from qig_plugin.models import load_model, load_processor
+from qig_plugin.data import build_calibration_dataset, easy_vqa, load_photo, shipped_records
+from qig_plugin.models import IMAGE_SEQ_LEN, load_model, load_processor
 from qig_plugin.quantize import quantize_to_checkpoint
 from qig_plugin.recipes import shipped_recipe
 from qig_plugin.serve_env import ServeEnvMissingError, run_in_serve_env, serve_python
 from qig_plugin.serving import cpu_serving_support
+from qig_plugin.vqa import vllm_answers
 
 pytestmark = pytest.mark.slow
 
@@ -25,6 +26,8 @@ SCHEMES = {
     "W4A8": ("qig_gptq_w4a8.yaml", 3, "Dynamic4bitLinearKernel"),
 }
 CALIBRATION_SAMPLES = 4
+VLLM_QUESTIONS = 16
+VLLM_MIN_ACCURACY = 0.75
 
 
 @pytest.fixture(scope="module")
@@ -42,11 +45,11 @@ def served_checkpoints(default_model_dir, tmp_path_factory):
     photo = root / "coffee.png"
     load_photo("coffee").save(photo)
 
-    results = {}
+    results, checkpoints = {}, {}
     for scheme, (recipe, max_tokens, _) in SCHEMES.items():
         if support[scheme] is not None:
             continue
-        checkpoint = root / scheme
+        checkpoint = checkpoints[scheme] = root / scheme
         quantize_to_checkpoint(
             load_model(default_model_dir), processor, shipped_recipe(recipe), dataset, checkpoint
         )
@@ -58,12 +61,12 @@ def served_checkpoints(default_model_dir, tmp_path_factory):
         )
         assert output.exists(), completed.stdout[-2000:] + completed.stderr[-4000:]
         (results[scheme],) = json.loads(output.read_text())
-    return results, support
+    return results, support, checkpoints
 
 
 @pytest.mark.parametrize("scheme", list(SCHEMES))
 def test_vllm_generates_from_qig_checkpoint(served_checkpoints, scheme):
-    results, support = served_checkpoints
+    results, support, _ = served_checkpoints
     if support[scheme] is not None:
         pytest.skip(f"{scheme} cannot be served by vLLM on this CPU: {support[scheme]}")
     result = results[scheme]
@@ -71,5 +74,20 @@ def test_vllm_generates_from_qig_checkpoint(served_checkpoints, scheme):
     assert "error" not in result, result.get("error")
     assert len(result["token_ids"]) == max_tokens
     assert result["text"].strip()
-    assert result["num_prompt_tokens"] > 64  # the photo's 64 image tokens are in the prompt
+    assert result["num_prompt_tokens"] > IMAGE_SEQ_LEN  # the photo's image tokens are in the prompt
     assert kernel in result["linear_kernels"].values()
+
+
+def test_vllm_answers_held_out_image_questions_with_the_w8a8_checkpoint(served_checkpoints):
+    """The quantized default model sees: easy-VQA TEST colour and shape questions (never trained or calibrated on),
+    whose answer the question's words do not give away, served by vLLM."""
+    _, support, checkpoints = served_checkpoints
+    if support["W8A8"] is not None:
+        pytest.skip(f"W8A8 cannot be served by vLLM on this CPU: {support['W8A8']}")
+    questions = [q for q in easy_vqa.sample_questions("test", 200, seed=2) if q.type != "yes/no"][:VLLM_QUESTIONS]
+    result = vllm_answers([checkpoints["W8A8"]], questions)[str(checkpoints["W8A8"])]
+    assert "error" not in result, result.get("error")
+    accuracy = easy_vqa.accuracy_by_type(questions, result["answers"])
+    # the full-precision model: colour 99%, shape 90% on the TEST split (docs/model-card.md); the most common
+    # answer of each type scores 19% of these questions
+    assert accuracy["all"] >= VLLM_MIN_ACCURACY, (accuracy, list(zip(questions, result["answers"])))

