@@ -102,12 +102,13 @@ REQUIRED_PROCESSOR_FILES = ("tokenizer.json", "preprocessor_config.json")
 REQUIRED_FILES = ("config.json", "model.safetensors", *REQUIRED_PROCESSOR_FILES)
 
 
-def _cache_root() -> Path:
+def cache_root() -> Path:
+    """Where built models and training work go: ``$QIG_CACHE``, else ``~/.cache/qig-plugin``."""
     return Path(os.environ["QIG_CACHE"]) if "QIG_CACHE" in os.environ else Path.home() / ".cache" / "qig-plugin"
 
 
-DEFAULT_MODEL_DIR = _cache_root() / "smolvlm-smollm2-135m-easy-vqa"
-TEXT_MODEL_DIR = _cache_root() / "smollm2-135m-instruct"
+DEFAULT_MODEL_DIR = cache_root() / "smolvlm-smollm2-135m-easy-vqa"
+TEXT_MODEL_DIR = cache_root() / "smollm2-135m-instruct"
 
 
 def _smollm2_folder() -> Path:

@@ -57,7 +57,7 @@ from qig_plugin.models.default_model import (
     IMAGE_TOKEN,
     VISION_CONFIG,
     VISION_WEIGHTS_FILE,
-    _cache_root,
+    cache_root,
     assemble_default_model,
     save_vision_weights,
 )
@@ -618,7 +618,7 @@ class Trainer:
 
 def train(settings: TrainSettings, output: Path, work_dir: Path | None = None) -> Path:
     """Train (or resume) and write the vision weights to ``output``; returns ``output``."""
-    work_dir = work_dir or _cache_root() / "train" / settings.digest()
+    work_dir = work_dir or cache_root() / "train" / settings.digest()
     trainer = Trainer(settings, work_dir)
     final = trainer.run()
     metadata = {
