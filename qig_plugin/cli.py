@@ -29,6 +29,7 @@ METHODS = {"qig-gptq": "qig_gptq", "gptq": "gptq"}
 DEFAULT_SAMPLES = 16
 LOAD_DTYPE_BYTES = 4  # models are loaded, calibrated and saved in float32
 QUANTIZE_LOG = "qig-quantize.log"  # llm-compressor's log lines of the run, in the checkpoint folder
+SERVE_KV_CACHE_GIB = "2"  # `qig serve`'s VLLM_CPU_KVCACHE_SPACE unless the environment sets it
 
 QUANTIZE_EXAMPLES = """examples:
   qig quantize ~/.cache/qig-plugin/smolvlm-smollm2-135m-easy-vqa --scheme W8A8 --output out/w8a8
@@ -469,8 +470,11 @@ def serve_command(args: argparse.Namespace) -> int:
     """vLLM's OpenAI-compatible server in the serve environment, in the foreground; its exit code is returned.
 
     Started as ``python -m vllm.entrypoints.openai.api_server``: the ``vllm`` console script of
-    vllm-cpu fails (it looks up the distribution ``vllm``, which vllm-cpu is not named).
+    vllm-cpu fails (it looks up the distribution ``vllm``, which vllm-cpu is not named). vLLM-CPU's KV cache
+    takes ``VLLM_CPU_KVCACHE_SPACE`` GiB: ``SERVE_KV_CACHE_GIB`` unless the environment sets it (vLLM's own
+    default reserves more memory than a small machine has).
     """
+    import os
     import subprocess
 
     from qig_plugin.serve_env import serve_python
@@ -480,8 +484,10 @@ def serve_command(args: argparse.Namespace) -> int:
     check_checkpoint_folder(checkpoint)
     command = [str(serve_python()), "-m", "vllm.entrypoints.openai.api_server", "--model", str(checkpoint),
                "--host", args.host, "--port", str(args.port), *args.vllm_args]
-    print(f"[qig] serving {checkpoint} at http://{args.host}:{args.port}/v1 (Ctrl-C stops)", flush=True)
-    return EXIT_OK if subprocess.call(command) == 0 else EXIT_FAILURE
+    environment = {"VLLM_CPU_KVCACHE_SPACE": SERVE_KV_CACHE_GIB, **os.environ}
+    print(f"[qig] serving {checkpoint} at http://{args.host}:{args.port}/v1 (Ctrl-C stops; KV cache "
+          f"{environment['VLLM_CPU_KVCACHE_SPACE']} GiB, VLLM_CPU_KVCACHE_SPACE)", flush=True)
+    return EXIT_OK if subprocess.call(command, env=environment) == 0 else EXIT_FAILURE
 
 
 def generate_command(args: argparse.Namespace) -> int:

@@ -94,12 +94,17 @@ def test_serve_starts_vllm_on_loopback(tmp_path, monkeypatch):
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "model.safetensors").write_bytes(b"")
     calls = []
-    monkeypatch.setattr(subprocess, "call", lambda command: calls.append(command) or 0)
+    monkeypatch.setattr(subprocess, "call", lambda command, env: calls.append((command, env)) or 0)
     monkeypatch.setenv("QIG_SERVE_PYTHON", str(tmp_path / "config.json"))  # any existing file
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
     assert main(["serve", str(tmp_path), "--port", "9000", "--", "--max-model-len", "2048"]) == 0
-    (command,) = calls
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "5")
+    assert main(["serve", str(tmp_path)]) == 0
+    (command, env), (_, env_set) = calls
     assert command[1:] == ["-m", "vllm.entrypoints.openai.api_server", "--model", str(tmp_path),
                            "--host", "127.0.0.1", "--port", "9000", "--max-model-len", "2048"]
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "2" and env["QIG_SERVE_PYTHON"] == str(tmp_path / "config.json")
+    assert env_set["VLLM_CPU_KVCACHE_SPACE"] == "5"  # the environment's own setting wins
 
 
 def test_serve_and_generate_refuse_a_folder_that_is_no_checkpoint(tmp_path, capsys):
