@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  QIG-GPTQ {scheme} (vLLM):       {quantized['answers'][0]!r}")
     print(f"  true answer:                 {question.answer!r}")
     print(f"\naccuracy on {len(questions)} held-out questions (first word of the greedy answer):")
-    for label, result in ((f"full precision (bf16)", full), (f"QIG-GPTQ {scheme}", quantized)):
+    for label, result in (("full precision (bf16)", full), (f"QIG-GPTQ {scheme}", quantized)):
         accuracy = easy_vqa.accuracy_by_type(questions, result["answers"])
         print(f"  {label:22s} {format_accuracy(accuracy, len(questions))}")
     print(f"vLLM kernels of the checkpoint: {quantized['linear_kernels']}")

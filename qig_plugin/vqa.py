@@ -25,8 +25,7 @@ MAX_NEW_TOKENS = 4  # the longest answer ("rectangle", "triangle") is 2 tokens, 
 
 def chat_text(processor, question: str) -> str:
     """The user turn (image, then the question) and the assistant's opening, in the processor's chat template."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True)
+    return processor.apply_chat_template(easy_vqa.conversation(question), add_generation_prompt=True)
 
 
 def hf_answers(
@@ -119,11 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         questions = easy_vqa.sample_questions(args.split, args.limit, args.seed)
     start = time.perf_counter()
     if args.engine == "hf":
-        import torch
-
         from qig_plugin.models import load_model, load_processor
 
-        torch.set_num_threads(max(1, torch.get_num_threads()))
         answers = hf_answers(
             load_model(args.model), load_processor(args.model), questions, args.batch_size, progress=True
         )

@@ -178,6 +178,15 @@ def yes_no_group(q: Question) -> tuple[str, bool, str]:
     return kind, is_negated(q.question), q.answer
 
 
+def conversation(question: str, answer: str | None = None) -> list[dict]:
+    """A question asked plainly, as chat messages: a user turn with the image then the question as easy-VQA words
+    it, and, given an answer, the assistant turn with it (the form training and every accuracy measure use)."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    if answer is not None:
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    return messages
+
+
 def first_word(text: str) -> str:
     """The first word of a model's answer, lower-cased, without punctuation ("" if there is none)."""
     match = re.search(r"[a-z]+", text.lower())

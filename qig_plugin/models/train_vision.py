@@ -141,10 +141,9 @@ class ChatLayout:
         self._cache: dict[tuple[str, str | None], tuple[list[int], int]] = {}
 
     def _ids(self, question: str, answer: str | None) -> list[int]:
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        if answer is not None:
-            messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
-        text = self.processor.apply_chat_template(messages, add_generation_prompt=answer is None)
+        text = self.processor.apply_chat_template(
+            easy_vqa.conversation(question, answer), add_generation_prompt=answer is None
+        )
         encoded = self.processor(text=text, images=[[self._dummy]], add_special_tokens=False)
         return list(encoded["input_ids"][0])
 

@@ -148,10 +148,7 @@ def test_auto_processor_loads_the_folder_where_torchvision_exists(default_model_
 
     processor = AutoProcessor.from_pretrained(default_model_dir)
     question = easy_vqa.questions("test")[0]
-    text = processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question.question}]}],
-        add_generation_prompt=True,
-    )
+    text = processor.apply_chat_template(easy_vqa.conversation(question.question), add_generation_prompt=True)
     inputs = processor(text=text, images=[question.image()], return_tensors="pt")
     expected = load_processor(default_model_dir)(text=text, images=[question.image()], return_tensors="pt")
     assert torch.equal(inputs["input_ids"], expected["input_ids"])
