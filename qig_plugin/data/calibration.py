@@ -24,11 +24,13 @@ IMAGE_PLACEHOLDER_TOKENS = ("<image>", "<fake_token_around_image>", "<global-img
 
 @dataclass
 class CalibrationRecord:
-    """One conversation turn: an optional image, the user's prompt and the assistant's answer."""
+    """One conversation: an optional image, the user's prompt and the assistant's answer, then optional further
+    ``(prompt, answer)`` turns (``follow_ups``) about the same image."""
 
     image: Image.Image | None
     prompt: str
     answer: str
+    follow_ups: tuple[tuple[str, str], ...] = ()
 
 
 def load_photo(name: str) -> Image.Image:
@@ -134,6 +136,12 @@ def _checked_image(index: int, record: object) -> Image.Image | None:
         raise ValueError(f"{_describe(index, record)} has an empty or non-string prompt")
     if not isinstance(record.answer, str):
         raise ValueError(f"{_describe(index, record)} has a non-string answer: {record.answer!r:.80}")
+    for turn in record.follow_ups:
+        if not (isinstance(turn, tuple) and len(turn) == 2 and all(isinstance(part, str) for part in turn)):
+            raise ValueError(f"{_describe(index, record)} has a follow-up that is not a (prompt, answer) pair of "
+                             f"strings: {turn!r:.80}")
+        if not turn[0].strip():
+            raise ValueError(f"{_describe(index, record)} has a follow-up with an empty prompt")
     if record.image is None:
         return None
     if not isinstance(record.image, Image.Image):
@@ -154,11 +162,12 @@ def build_calibration_dataset(
 ) -> Dataset:
     """Turn records into an oneshot calibration dataset, one unpadded conversation per row.
 
-    Each record becomes ``[user: image + prompt, assistant: answer]`` rendered with the processor's chat template
+    Each record becomes ``[user: image + prompt, assistant: answer]``, then one user and one assistant turn per
+    follow-up, rendered with the processor's chat template
     (which supplies the leading ``<|im_start|>``, so no other special tokens are added) and tokenized by the
     processor, which expands each image into its image tokens. ``processor`` may be a plain tokenizer when no
     record has an image (text-only models). A tokenizer without a chat template (a base model) gets the prompt
-    and the answer joined by a blank line, with the tokenizer's own special tokens (e.g. its BOS).
+    and the answer (and the follow-ups' prompts and answers) joined by blank lines, with the tokenizer's own special tokens (e.g. its BOS).
 
     Columns of row i (``seq_i <= max_length``):
         input_ids, attention_mask: ``[seq_i]`` int.
@@ -198,10 +207,13 @@ def build_calibration_dataset(
             {"role": "user", "content": user_content},
             {"role": "assistant", "content": [{"type": "text", "text": record.answer}]},
         ]
+        for prompt, answer in record.follow_ups:
+            messages.append({"role": "user", "content": [{"type": "text", "text": prompt}]})
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
         text = (
             processor.apply_chat_template(messages, tokenize=False)
             if has_template
-            else f"{record.prompt}\n\n{record.answer}"
+            else "\n\n".join([record.prompt, record.answer, *(part for turn in record.follow_ups for part in turn)])
         )
         image_inputs = {"images": [[image]]} if image is not None else {}  # a plain tokenizer takes no images
         encoding = processor(text=[text], add_special_tokens=not has_template, return_tensors="np", **image_inputs)

@@ -114,7 +114,7 @@ def _detokenize_sentence(tokens: list[str]) -> str:
     words: list[str] = []
     glue = True  # no space before the next token
     for token in tokens:
-        if token == "." and words and words[-1].endswith("."):  # "Jr. ." ends a sentence once
+        if token in (".", ";") and words and words[-1].endswith(token):  # "Jr. ." and the corpus's "; ;"
             continue
         if not glue and not _BROWN_CLOSERS.match(token):
             words.append(" ")
