@@ -7,6 +7,7 @@ from qig_plugin.attribution.block import (
     BlockAttribution,
     attribute_block,
     block_input,
+    is_token_wise,
     linear_weights,
 )
 from qig_plugin.attribution.fake_quant import (
@@ -41,6 +42,7 @@ __all__ = [
     "fake_quantize_activation",
     "fake_quantize_weight",
     "integrated_gradients",
+    "is_token_wise",
     "linear_token_scores",
     "linear_weights",
     "qig_token_scores",

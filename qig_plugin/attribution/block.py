@@ -8,7 +8,7 @@ respect to its input. The QIG modifiers, ``qig explain`` and the benchmarks all 
 Pure torch plus compressed-tensors' quantizers; nothing here knows about llm-compressor.
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -20,9 +20,9 @@ from compressed_tensors.quantization import QuantizationArgs
 
 from qig_plugin.attribution.fake_quant import fake_quantize_activation, fake_quantize_weight
 from qig_plugin.attribution.settings import QIGSettings
-from qig_plugin.attribution.token_weights import linear_token_scores, qig_token_scores
+from qig_plugin.attribution.token_weights import discrepancy, linear_token_scores, qig_token_scores
 
-__all__ = ["AttributionCache", "BlockAttribution", "attribute_block", "block_input", "linear_weights"]
+__all__ = ["AttributionCache", "BlockAttribution", "attribute_block", "block_input", "is_token_wise", "linear_weights"]
 
 # batches in a row a block must pass the completeness check with one node count before it takes
 # that count unchecked (the check's forward of both branches at both path ends is ~15-20% of a batch)
@@ -55,9 +55,12 @@ class AttributionCache:
     :param quantized_weights: linear -> ((data pointer, version, args) of the weight it was built
         from, ``Q(W)``), oldest first; kept while the weight is unchanged (one layer's calibration sees
         the same weights on every batch), for the last layer's linears only
+    :param token_wise: block -> whether its output at a token depends on that token's input alone
+        (probed on its first call by :func:`is_token_wise`)
     """
 
     node_counts: WeakKeyDictionary = field(default_factory=WeakKeyDictionary)
+    token_wise: WeakKeyDictionary = field(default_factory=WeakKeyDictionary)
     quantized_weights: dict[torch.nn.Module, tuple[tuple, torch.Tensor]] = field(default_factory=dict)
 
     def weight_pair(
@@ -94,11 +97,14 @@ def attribute_block(
 ) -> BlockAttribution:
     """QIG scores of ``block``'s input tokens on one call.
 
-    A single linear with a zero baseline takes the closed form (its discrepancy is positively
-    homogeneous of degree 1, so ``x * grad`` is exact); any other block takes the path integral
-    with the node ladder of ``settings`` (fewest nodes that pass the completeness check, a count
-    kept unchecked once it passed on :data:`CHECKED_BATCHES` batches in a row, tracked in ``cache``).
-    Run it with gradients allowed; it turns them on itself.
+    ``qig_attribution: exact``: a single linear with a zero baseline takes the closed form (its
+    discrepancy is positively homogeneous of degree 1, so ``x * grad`` is exact); any other block
+    takes the path integral with the node ladder of ``settings`` (fewest nodes that pass the
+    completeness check, a count kept unchecked once it passed on :data:`CHECKED_BATCHES` batches in a
+    row, tracked in ``cache``). ``qig_attribution: fast``: a token-wise block (:func:`is_token_wise`)
+    scores each token by its own discrepancy change along the path, ``|F(x_t) - F(x0_t)|`` (the sum of
+    its integrated gradients, forward only); any other block takes the path integral with
+    ``qig_min_steps`` nodes, unchecked. Run it with gradients allowed; it turns them on itself.
 
     :param block: the attributed module, called as ``block(*args, **kwargs)``; its output (or the
         first element of a tuple output) is ``[batch, seq, hidden_out]``
@@ -126,9 +132,13 @@ def attribute_block(
         )
     position, block_in = block_input(args, kwargs)
     x = block_in.detach().float()
+    fast = settings.qig_attribution == "fast"
     fp_weights, q_weights = cache.weight_pair(block, weight_args)
     if baseline_args is None and isinstance(block, torch.nn.Linear):
-        return BlockAttribution(linear_token_scores(x, fp_weights[block] - q_weights[block]), 0, None)
+        weight_error = fp_weights[block] - q_weights[block]
+        if fast:  # F(0) = 0: the bias cancels
+            return BlockAttribution((x @ weight_error.T).abs().mean(dim=-1), 0, None)
+        return BlockAttribution(linear_token_scores(x, weight_error), 0, None)
     input_linears = [m for m in input_linears if m in fp_weights]  # e.g. an MoE router is no nn.Linear
     float_args, float_kwargs = _to_float(args), _to_float(kwargs)
     batch = x.shape[0]
@@ -142,8 +152,17 @@ def attribute_block(
         return output[0] if isinstance(output, tuple) else output
 
     baseline = None if baseline_args is None else fake_quantize_activation(x, baseline_args)
-    nodes, batches_at_nodes = cache.node_counts.get(block, (settings.qig_min_steps, 0))
-    settled = batches_at_nodes >= CHECKED_BATCHES
+    if fast:
+        if block not in cache.token_wise:
+            with torch.no_grad():
+                cache.token_wise[block] = is_token_wise(partial(run, fp_weights), x)
+        if cache.token_wise[block]:
+            return BlockAttribution(_discrepancy_change(run, fp_weights, q_weights, x, baseline), 0, None)
+        nodes, settled = settings.qig_min_steps, True
+        batches_at_nodes = 0
+    else:
+        nodes, batches_at_nodes = cache.node_counts.get(block, (settings.qig_min_steps, 0))
+        settled = batches_at_nodes >= CHECKED_BATCHES
     with torch.enable_grad():
         result = qig_token_scores(
             partial(run, fp_weights),
@@ -158,8 +177,47 @@ def attribute_block(
             fp_maps=[fp_weights[m] for m in input_linears],
             q_maps=[q_weights[m] for m in input_linears],
         )
-    cache.node_counts[block] = (result.nodes, batches_at_nodes + 1 if result.nodes == nodes else 1)
+    if not fast:
+        cache.node_counts[block] = (result.nodes, batches_at_nodes + 1 if result.nodes == nodes else 1)
     return BlockAttribution(result.scores, result.nodes, result.completeness_error)
+
+
+def is_token_wise(block_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> bool:
+    """Whether ``block_fn``'s output at each token depends on that token's input alone.
+
+    Probed once: every sample's even tokens are changed (``1 - x``) and its odd tokens' outputs
+    compared, then the other way round. Any block that mixes tokens (attention, causal or not, with
+    any positional encoding, however padded) moves some real token's output; an MLP or a linear
+    moves none.
+
+    :param block_fn: the block on ``k`` copies of the batch stacked along dim 0, ``[k * batch, seq,
+        hidden]`` -> ``[k * batch, seq, hidden_out]``
+    :param x: a real input ``[batch, seq, hidden]``
+    :return: True for a token-wise block (and for single-token inputs, where nothing can mix)
+    """
+    batch, seq = x.shape[:2]
+    if seq < 2:
+        return True
+    even = (torch.arange(seq, device=x.device) % 2 == 0).view(1, seq, 1)
+    changed = 1.0 - x
+    outputs = block_fn(torch.cat([x, torch.where(even, changed, x), torch.where(even, x, changed)]))
+    reference, odd_kept, even_kept = outputs.split(batch)
+    unchanged = torch.where(even, even_kept, odd_kept)
+    tolerance = 1e-5 * reference.abs().amax().clamp_min(1e-12)
+    return bool(((unchanged - reference).abs() <= tolerance).all())
+
+
+# per token |F(x) - F(x0)|, F = hidden-mean |f(.; W) - f(.; Q(W))|: [batch, seq]
+def _discrepancy_change(run, fp_weights, q_weights, x: torch.Tensor, baseline: torch.Tensor | None) -> torch.Tensor:
+    with torch.no_grad():
+        if baseline is None and not any(
+            m.bias is not None for m in fp_weights if isinstance(m, torch.nn.Linear)
+        ):
+            return discrepancy(run(fp_weights, x), run(q_weights, x))  # F(0) = 0 without biases
+        start = torch.zeros_like(x) if baseline is None else baseline.expand_as(x)
+        ends = torch.cat([start, x])
+        per_token = discrepancy(run(fp_weights, ends), run(q_weights, ends))
+        return (per_token[len(x):] - per_token[: len(x)]).abs()
 
 
 def block_input(args: tuple, kwargs: dict[str, Any]) -> tuple[int | str, torch.Tensor]:
