@@ -45,9 +45,11 @@ HELDOUT_PASSAGE_TOKENS = 256
 # image_seq_len <image> tokens and a closing <fake_token_around_image>.
 IMAGE_WRAPPER_TOKENS = 3
 
-FORTUNE_TOPICS = {"fortunes": "anything", "cookie": "anything", "miscellaneous": "anything", "men-women":
-                  "men and women", "songs-poems": "songs and poems", "knghtbrd": "anything", "zippy": "Zippy the Pinhead",
-                  "linuxcookie": "Linux", "goedel": "Goedel", "tao": "the Tao of programming", "art": "art"}
+FORTUNE_TOPICS = {
+    "fortunes": "anything", "cookie": "anything", "miscellaneous": "anything", "knghtbrd": "anything",
+    "men-women": "men and women", "songs-poems": "songs and poems", "zippy": "Zippy the Pinhead",
+    "linuxcookie": "Linux", "goedel": "Goedel", "tao": "the Tao of programming",
+}
 BROWN_PROMPTS = (
     "Here is a passage of {genre} writing.\n\n{passage}\n\nContinue the text.",
     "Continue this passage ({genre}):\n\n{passage}",
@@ -91,7 +93,7 @@ def record_tokens(record: CalibrationRecord, processor) -> int:
         text = "\n\n".join(part for turn in turns for part in turn)
     count = len(tokenizer(text, add_special_tokens=not has_template)["input_ids"])
     if record.image is not None:
-        count += getattr(processor, "image_seq_len") + IMAGE_WRAPPER_TOKENS - 1
+        count += processor.image_seq_len + IMAGE_WRAPPER_TOKENS - 1
     return count
 
 
@@ -175,7 +177,7 @@ class _Builder:
     def _image(self):
         if not self.with_images:
             return None
-        image_id, questions = self._image_entry()
+        _image_id, questions = self._image_entry()
         return questions[0].image()
 
     def _count(self, record: CalibrationRecord) -> int:
