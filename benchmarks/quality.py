@@ -1,24 +1,28 @@
-"""Does QIG preserve the model better than stock GPTQ, AWQ, SmoothQuant and MBQ? Fidelity to the FP parent.
+"""Does QIG preserve the model better than stock GPTQ, AWQ, SmoothQuant and MBQ, calibrated as users calibrate?
 
-    python benchmarks/quality.py --quick      # VLM, W3A16, RTN/GPTQ/QIG-GPTQ + the norm control, 8 samples
-    python benchmarks/quality.py              # every scheme x method on both models, then the ablation
-    python benchmarks/quality.py --models vlm --schemes w3a16 --methods gptq qig_gptq
+    python benchmarks/quality.py --quick                 # VLM, W3A16, GPTQ family, 32 samples: NOT the headline
+    python benchmarks/quality.py                         # the headline grid: 256 samples (64k+ tokens), 2 seeds
+    python benchmarks/quality.py --split validation --schemes w3a16 w4a8 --methods gptq qig_gptq qig_gptq_exact
 
-Models: ``vlm``, the default model (real SmolLM2-135M-Instruct in SmolVLM, docs/model-card.md), and ``text``,
-its language model alone. Both calibrate on the shipped calibration records (the text model on their text
-without the photos) and are scored on data calibration never sees: the held-out records (held-out photos,
-prompts and documentation passages) and held-out ``pydoc_data.topics`` text. Metrics against the
+Models: ``vlm``, the default model (real SmolLM2-135M-Instruct in SmolVLM with a vision tower trained on
+easy-VQA, docs/model-card.md), and ``text``, its language model alone. Calibration: ``--samples`` records of
+``qig_plugin.data.user_scale`` (about 256 tokens each: easy-VQA conversations and real English tasks from the Brown
+corpus, fortunes and the Python documentation, docs/calibration-data.md) of its ``calibration`` split, drawn with
+each of ``--seeds``. Scored on another split, by document and by image: ``--split validation`` for every choice of
+defaults and method variants, ``--split heldout`` (the default) for reported numbers only. Metrics against the
 full-precision parent: mean KL(FP || Q) of next-token distributions over all positions and over answer
-positions, top-1 agreement, and perplexity on the held-out text, each with a bootstrap 95% interval over
-samples; QIG/stock KL ratios use paired resamples. The metrics, intervals and held-out text are
-``qig_plugin.evaluation``'s, the implementation ``qig eval`` runs on a saved checkpoint.
+positions of ``EVAL_RECORDS`` records of that split, top-1 agreement, KL and perplexity on ``TEXT_PASSAGES``
+real passages of that split, and (VLM) easy-VQA accuracy on ``VQA_QUESTIONS`` questions of its images (TEST for
+held-out), each with a bootstrap 95% interval over samples; ratios use paired resamples.
 
-Every cell (model, scheme, method) runs in its own process on the same records with the same seed and
-saves its per-sample metrics under ``benchmarks/results/quality_cells/`` (reused on later runs unless
-``--fresh``); the summary of every saved cell with the same sample count goes to
-``benchmarks/results/quality.json``, ``quality.md`` and ``quality.png``. ``--quick`` keeps no cells and writes
-``quality_quick.*`` instead.
-Cell wall times are the ``oneshot`` calibration alone (same data, one run each).
+Regime check (printed and stored): at each scheme stock GPTQ must beat round-to-nearest on KL and perplexity; where
+it does not, the calibration set is too small or too narrow for conclusions about GPTQ-based methods.
+
+Every cell (model, scheme, method, samples, seed, split) runs in its own process and saves its per-sample
+metrics under ``benchmarks/results/quality_cells/`` (reused on later runs unless ``--fresh``); the summary of every
+saved cell of the same samples and split goes to ``benchmarks/results/quality.{json,md,png}`` (``--split
+validation``: ``quality_validation.*``). ``--quick`` keeps no cells and writes ``quality_quick.*``. Cell wall times
+are the ``oneshot`` calibration alone.
 """
 
 import argparse
@@ -35,12 +39,11 @@ import yaml
 
 from qig_plugin.evaluation import (
     bootstrap_interval,
-    heldout_text_passages,
     next_token_log_probs,
+    paired_difference,
     paired_ratio,
     perplexity_interval,
     records_set,
-    replace_images,
     text_set,
 )
 from qig_plugin.evaluation import sample_metrics as evaluation_sample_metrics
@@ -50,101 +53,110 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 RECIPES = shipped_recipe("gptq_w8a8").parent
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 CELLS = RESULTS / "quality_cells"
-SEED = 0
-TEXT_PASSAGES = 16
+SAMPLES = 256  # calibration records of about 256 tokens: 64k+ tokens, the headline size
+QUICK_SAMPLES = 32
+EVAL_RECORDS = 48
+TEXT_PASSAGES = 24
 TEXT_TOKENS = 256
-CHILD_TIMEOUT_S = 1800
+VQA_QUESTIONS = 300
+EVAL_SEED = 0  # which records, passages and questions of the scored split (the same for every cell)
+CHILD_TIMEOUT_S = 5400
+ALL_SCHEMES = ("w3a16", "w4a16", "w4a8", "w8a8")
+WEIGHT_ACTIVATION = ("w4a8", "w8a8")
 
 # method -> (recipe file stem with {scheme}, modifier class swaps, field overrides, schemes it applies to)
 METHODS = {
-    "rtn": ("gptq_{scheme}", {"GPTQModifier": "QuantizationModifier"}, {}, ("w3a16", "w4a16", "w4a8", "w8a8")),
-    "gptq": ("gptq_{scheme}", {}, {}, ("w3a16", "w4a16", "w4a8", "w8a8")),
-    "qig_gptq": ("qig_gptq_{scheme}", {}, {}, ("w3a16", "w4a16", "w4a8", "w8a8")),
-    "norm_gptq": ("qig_gptq_{scheme}", {"QIGGPTQModifier": "NormWeightedGPTQModifier"}, {},
-                  ("w3a16", "w4a16", "w4a8", "w8a8")),
-    "sink_gptq": ("qig_gptq_{scheme}", {"QIGGPTQModifier": "SinkMaskedGPTQModifier"}, {},
-                  ("w3a16", "w4a16", "w4a8", "w8a8")),
-    "awq": ("awq_{scheme}", {}, {}, ("w3a16", "w4a16", "w4a8")),
-    "qig_awq": ("qig_awq_{scheme}", {}, {}, ("w3a16", "w4a16", "w4a8")),
-    "mbq_awq": ("qig_awq_{scheme}", {"QIGAWQModifier": "MBQModifier"}, {}, ("w3a16", "w4a16", "w4a8")),
-    "sq_gptq": ("sq_gptq_{scheme}", {}, {}, ("w4a8", "w8a8")),
-    "qig_sq_gptq": ("qig_sq_gptq_{scheme}", {}, {}, ("w4a8", "w8a8")),
-    "qig_sq_qig_gptq": ("qig_sq_gptq_{scheme}", {"GPTQModifier": "QIGGPTQModifier"}, {}, ("w4a8", "w8a8")),
-    # ablation of QIG-GPTQ's own knobs
-    "qig_gptq_quantized_baseline": ("qig_gptq_{scheme}", {}, {"qig_baseline": "quantized"}, ("w4a8", "w8a8")),
-    "qig_gptq_no_iqr_clip": ("qig_gptq_{scheme}", {}, {"qig_iqr_clip": False}, ("w3a16", "w4a8")),
-    "qig_gptq_6_nodes": ("qig_gptq_{scheme}", {}, {"qig_min_steps": 6}, ("w3a16", "w4a8")),
-    "qig_gptq_uniform_32": ("qig_gptq_{scheme}", {}, {"qig_rule": "uniform", "qig_steps": 32, "qig_min_steps": 32},
-                            ("w3a16", "w4a8")),
-    "qig_gptq_prompt_masked": ("qig_gptq_{scheme}", {}, {}, ("w3a16", "w4a8")),
-    "gptq_prompt_masked": ("qig_gptq_{scheme}", {"QIGGPTQModifier": "UniformWeightedGPTQModifier"}, {},
-                           ("w3a16", "w4a8")),
-    "qig_gptq_split_attention": ("qig_gptq_{scheme}", {"QIGGPTQModifier": "SplitAttentionQIGGPTQModifier"}, {},
-                                 ("w3a16", "w4a8")),
+    "rtn": ("gptq_{scheme}", {"GPTQModifier": "QuantizationModifier"}, {}, ALL_SCHEMES),
+    "gptq": ("gptq_{scheme}", {}, {}, ALL_SCHEMES),
+    "qig_gptq": ("qig_gptq_{scheme}", {}, {}, ALL_SCHEMES),
+    "awq": ("awq_{scheme}", {}, {}, ALL_SCHEMES[:3]),
+    "qig_awq": ("qig_awq_{scheme}", {}, {}, ALL_SCHEMES[:3]),
+    "mbq_awq": ("qig_awq_{scheme}", {"QIGAWQModifier": "MBQModifier"}, {}, ALL_SCHEMES[:3]),
+    "sq_gptq": ("sq_gptq_{scheme}", {}, {}, WEIGHT_ACTIVATION),
+    "qig_sq_gptq": ("qig_sq_gptq_{scheme}", {}, {}, WEIGHT_ACTIVATION),
+    "qig_sq_qig_gptq": ("qig_sq_gptq_{scheme}", {"GPTQModifier": "QIGGPTQModifier"}, {}, WEIGHT_ACTIVATION),
 }
-# methods calibrated with the chat template's system turn masked (loss_mask 0, honored by the QIG modifiers)
-PROMPT_MASKED = ("qig_gptq_prompt_masked", "gptq_prompt_masked")
+# controls in every QIG family: the same weighting path with cheaper token scores (see control_modifiers)
+CONTROL_KINDS = ("norm", "first_token_zero", "discrepancy")
+QIG_FAMILIES = {"qig_gptq": ("qig_gptq_{scheme}", "QIGGPTQModifier", "gptq"),
+                "qig_awq": ("qig_awq_{scheme}", "QIGAWQModifier", "awq"),
+                "qig_sq_gptq": ("qig_sq_gptq_{scheme}", "QIGSmoothQuantModifier", "sq_gptq")}
+for _family, (_recipe, _cls, _) in QIG_FAMILIES.items():
+    for _kind in CONTROL_KINDS:
+        METHODS[f"{_kind}_{_family.removeprefix('qig_')}"] = (
+            _recipe, {_cls: f"{_kind}:{_cls}"}, {}, METHODS[_family][3])
+# variants of QIG-GPTQ's own knobs, chosen on the validation split
+VARIANTS = {
+    "qig_gptq_exact": ("qig_gptq_{scheme}", {}, {"qig_attribution": "exact"}, ALL_SCHEMES),
+    "qig_gptq_1_node": ("qig_gptq_{scheme}", {}, {"qig_min_steps": 1}, ALL_SCHEMES),
+    "qig_gptq_quantized_baseline": ("qig_gptq_{scheme}", {}, {"qig_baseline": "quantized"}, WEIGHT_ACTIVATION),
+    "qig_gptq_no_iqr_clip": ("qig_gptq_{scheme}", {}, {"qig_iqr_clip": False}, ALL_SCHEMES),
+}
+METHODS.update(VARIANTS)
 STOCK = ("rtn", "gptq", "awq", "sq_gptq")
 QIG = ("qig_gptq", "qig_awq", "qig_sq_gptq", "qig_sq_qig_gptq")
-CONTROLS = ("norm_gptq", "sink_gptq", "mbq_awq")
-ABLATION = tuple(m for m in METHODS if m.startswith("qig_gptq_")) + ("gptq_prompt_masked",)
+CONTROLS = tuple(m for m in METHODS if m.split("_")[0] in ("norm", "first", "discrepancy")) + ("mbq_awq",)
 MAIN_METHODS = STOCK + QIG + CONTROLS
-# each non-stock method's stock counterpart (the ablation's qig_gptq_* and gptq_* cells: gptq)
-STOCK_TWIN = {"qig_gptq": "gptq", "norm_gptq": "gptq", "sink_gptq": "gptq", "qig_awq": "awq",
-              "mbq_awq": "awq", "qig_sq_gptq": "sq_gptq", "qig_sq_qig_gptq": "sq_gptq"}
+# each non-stock method's stock counterpart
+STOCK_TWIN = {**{m: "gptq" for m in METHODS if m.endswith("_gptq") and m not in STOCK},
+              **{m: "awq" for m in METHODS if m.endswith("_awq") and m not in STOCK},
+              **{m: "sq_gptq" for m in METHODS if m.endswith("_sq_gptq") or m == "qig_sq_qig_gptq"},
+              **dict.fromkeys(VARIANTS, "gptq")}
 IMAGE_ONLY = ("mbq_awq",)  # MBQ weights tokens by modality: the text model has no image tokens
-SCHEMES = ("w3a16", "w4a16", "w4a8", "w8a8")
+SCHEMES = ALL_SCHEMES
 
 
 # ---------------------------------------------------------------- controls (benchmark-only modifiers)
 
 
-def control_modifiers():
-    """The cheap controls of the GPTQ cells, as QIG-GPTQ with other token scores (same weighting path)."""
-    from qig_plugin.modifiers import QIGGPTQModifier
-    from qig_plugin.attribution import block_input
+def control_modifiers(classes: dict[str, type]) -> dict[str, type]:
+    """``"{kind}:{QIG class}"`` -> that QIG modifier with cheaper token scores (same normalization, clipping and
+    weighting path), for each kind:
 
-    class NormWeightedGPTQModifier(QIGGPTQModifier):
-        """Control: token scores ``||x_t||`` of the block input, normalized and IQR-clipped as QIG's."""
+    - ``norm``: ``||x_t||`` of the block input;
+    - ``first_token_zero``: every token 1, the first (the attention sink) 0, no clipping;
+    - ``discrepancy``: the block's own output discrepancy ``mean_h |f(x_t; W) - f(x_t; Q(W))|``, forward only, for
+      every block, attention included (the cheapest QIG-like score: QIG must beat it to justify integration).
+    """
+    from qig_plugin.attribution import (
+        AttributionCache,
+        block_input,
+        discrepancy,
+        linear_weights,
+    )
+    from qig_plugin.upstream import hooks_disabled
 
-        def qig_scores(self, block, weight_args, args, kwargs, baseline_args=None, input_linears=()):
-            return block_input(args, kwargs)[1].detach().float().norm(dim=-1)
+    weight_cache = AttributionCache()  # Q(W) of the layer being calibrated
 
-    class SinkMaskedGPTQModifier(QIGGPTQModifier):
-        """Control: stock GPTQ with the first token (the attention sink) weighted 0, all others equal."""
+    def norm_scores(self, block, weight_args, args, kwargs, baseline_args=None, input_linears=()):
+        return block_input(args, kwargs)[1].detach().float().norm(dim=-1)
 
-        qig_iqr_clip: bool = False
+    def first_token_zero_scores(self, block, weight_args, args, kwargs, baseline_args=None, input_linears=()):
+        scores = torch.ones(block_input(args, kwargs)[1].shape[:2])
+        scores[:, 0] = 0.0
+        return scores
 
-        def qig_scores(self, block, weight_args, args, kwargs, baseline_args=None, input_linears=()):
-            scores = torch.ones(block_input(args, kwargs)[1].shape[:2])
-            scores[:, 0] = 0.0
-            return scores
+    def discrepancy_scores(self, block, weight_args, args, kwargs, baseline_args=None, input_linears=()):
+        fp_weights, q_weights = weight_cache.weight_pair(block, weight_args)
+        float_args = tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+        outputs = []
+        with torch.no_grad(), hooks_disabled():
+            for weights in (fp_weights, q_weights):
+                with linear_weights(weights):
+                    output = block(*float_args, **kwargs)
+                outputs.append(output[0] if isinstance(output, tuple) else output)
+        return discrepancy(*outputs)
 
-    class UniformWeightedGPTQModifier(QIGGPTQModifier):
-        """Control: stock GPTQ over the kept tokens only (weight 1 each, 0 where the loss mask is 0)."""
-
-        qig_iqr_clip: bool = False
-
-        def qig_scores(self, block, weight_args, args, kwargs, baseline_args=None, input_linears=()):
-            return torch.ones(block_input(args, kwargs)[1].shape[:2])
-
-    class SplitAttentionQIGGPTQModifier(QIGGPTQModifier):
-        """Experiment: q_proj weighted by the attribution of quantizing q alone, k/v by quantizing k and v
-        alone (an error in q_t reaches only output t, one in k_t/v_t every later output that attends to t)."""
-
-        def group_weights(self, group, args, kwargs):
-            if not group.block_name.endswith("self_attn"):
-                return super().group_weights(group, args, kwargs)
-            _, block_in = block_input(args, kwargs)
-            keep = self.token_mask(block_in, kwargs)
-            weights = {}
-            for linears in (group.linears[:1], group.linears[1:]):  # q alone, then k and v
-                scores = self.qig_scores(group.block, {m: group.weight_args[m] for m in linears}, args, kwargs)
-                weights.update(dict.fromkeys(linears, self.qig_weights(scores, keep)))
-            return weights
-
-    return {cls.__name__: cls for cls in (NormWeightedGPTQModifier, SinkMaskedGPTQModifier,
-                                          UniformWeightedGPTQModifier, SplitAttentionQIGGPTQModifier)}
+    scores = {"norm": norm_scores, "first_token_zero": first_token_zero_scores, "discrepancy": discrepancy_scores}
+    controls = {}
+    for name in ("QIGGPTQModifier", "QIGAWQModifier", "QIGSmoothQuantModifier"):
+        for kind in CONTROL_KINDS:
+            fields = {"qig_iqr_clip": (bool, False)} if kind == "first_token_zero" else {}
+            control = type(f"{kind.title().replace('_', '')}{name}", (classes[name],),
+                           {"qig_scores": scores[kind], "__annotations__": {k: v[0] for k, v in fields.items()},
+                            **{k: v[1] for k, v in fields.items()}})
+            controls[f"{kind}:{name}"] = control
+    return controls
 
 
 def build_modifiers(method: str, scheme: str) -> list:
@@ -154,11 +166,16 @@ def build_modifiers(method: str, scheme: str) -> list:
     from llmcompressor.modifiers.transform.awq import AWQModifier
     from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
 
-    from qig_plugin.modifiers import MBQModifier, QIGAWQModifier, QIGGPTQModifier, QIGSmoothQuantModifier
+    from qig_plugin.modifiers import (
+        MBQModifier,
+        QIGAWQModifier,
+        QIGGPTQModifier,
+        QIGSmoothQuantModifier,
+    )
 
     classes = {cls.__name__: cls for cls in (GPTQModifier, QuantizationModifier, AWQModifier, SmoothQuantModifier,
                                              MBQModifier, QIGAWQModifier, QIGGPTQModifier, QIGSmoothQuantModifier)}
-    classes.update(control_modifiers())
+    classes.update(control_modifiers(classes))
     recipe, swaps, overrides, _ = METHODS[method]
     stages = yaml.safe_load((RECIPES / f"{recipe.format(scheme=scheme)}.yaml").read_text())
     modifiers = []
@@ -174,119 +191,167 @@ def build_modifiers(method: str, scheme: str) -> list:
 # ---------------------------------------------------------------- data
 
 
-def heldout_text_ids(tokenizer) -> list[list[int]]:
-    """``TEXT_PASSAGES`` real documentation passages the calibration records never use: ``TEXT_TOKENS`` ids each.
+def load_model_and_processor(model_kind: str):
+    """The full-precision ``"vlm"`` (default model) or ``"text"`` (its language model) and its processor/tokenizer."""
+    from qig_plugin.models import (
+        build_default_model,
+        build_text_model,
+        load_model,
+        load_processor,
+    )
 
-    Only the VLM records' topics are excluded (what both models calibrate on here), so the choice stays that of the
-    saved cells (``qig eval`` also excludes the text-only records' topics).
-    """
-    from qig_plugin.data.records import PASSAGE_TASKS
-
-    used = {topic for topic, *_ in PASSAGE_TASKS}
-    return heldout_text_passages(tokenizer, TEXT_PASSAGES, TEXT_TOKENS, exclude=used)
-
-
-def load_subject(model_kind: str, samples: int, mask_prompt: bool):
-    """Model, processor, calibration dataset and the held-out sets (records, text) for ``"vlm"`` or ``"text"``."""
-    from qig_plugin.data import build_calibration_dataset, shipped_records
-    from qig_plugin.models import build_default_model, build_text_model, load_model, load_processor
-
-    calibration, heldout = shipped_records("calibration"), shipped_records("heldout")
     if model_kind == "vlm":
         model_dir = build_default_model()
-        processor, model = load_processor(model_dir), load_model(model_dir)
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        return load_model(model_dir), load_processor(model_dir)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model_dir = build_text_model()
-        processor = AutoTokenizer.from_pretrained(model_dir)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        calibration, heldout = replace_images(calibration), replace_images(heldout)
-    order = np.random.default_rng(SEED).permutation(len(calibration))[:samples]
-    dataset = build_calibration_dataset([calibration[i] for i in sorted(order)], processor,
-                                        mask_system_prompt=mask_prompt)
+    model_dir = build_text_model()
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), AutoTokenizer.from_pretrained(model_dir)
+
+
+def records_of(model_kind: str, split: str, count: int, seed: int, processor) -> list:
+    from qig_plugin.data.user_scale import text_records, vlm_records
+
+    if model_kind == "vlm":
+        return vlm_records(split, count, seed, processor=processor)
+    return text_records(split, count, seed, tokenizer=processor)
+
+
+def evaluation_sets(model_kind: str, split: str, processor) -> dict:
+    """What a cell is scored on, from ``split``: records (KL), text passages (KL, perplexity), VQA questions (VLM)."""
+    from qig_plugin.data import easy_vqa
+    from qig_plugin.data.user_scale import heldout_corpus_passages
+
     tokenizer = getattr(processor, "tokenizer", processor)
-    heldout_sets = (records_set("records", heldout, processor), text_set("text", heldout_text_ids(tokenizer)))
-    return model, processor, dataset, heldout_sets
+    sets = {
+        "records": records_set("records", records_of(model_kind, split, EVAL_RECORDS, EVAL_SEED, processor),
+                               processor),
+        "text": text_set("text", heldout_corpus_passages(tokenizer, TEXT_PASSAGES, TEXT_TOKENS, split=split,
+                                                         seed=EVAL_SEED)),
+    }
+    if model_kind == "vlm":
+        pool = easy_vqa.validation_questions() if split == "validation" else list(easy_vqa.questions("test"))
+        chosen = np.random.default_rng(EVAL_SEED).permutation(len(pool))[:VQA_QUESTIONS]
+        sets["vqa"] = [pool[i] for i in sorted(chosen)]
+    return sets
 
 
 # ---------------------------------------------------------------- metrics (qig_plugin.evaluation's)
 
 
-def log_probs(model, heldout_sets) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Next-token log-probabilities ``[1, seq, vocab]`` for each held-out record, then for each text passage."""
-    return tuple([next_token_log_probs(model, row) for row in eval_set.rows] for eval_set in heldout_sets)
+def model_outputs(model, processor, sets: dict) -> dict:
+    """Next-token log-probabilities ``[1, seq, vocab]`` of every record and passage, and the VQA answers."""
+    from qig_plugin.data import easy_vqa
+    from qig_plugin.vqa import hf_answers
+
+    model.eval()
+    outputs = {name: [next_token_log_probs(model, row) for row in sets[name].rows] for name in ("records", "text")}
+    if "vqa" in sets:
+        answers = hf_answers(model, processor, sets["vqa"])
+        outputs["vqa_correct"] = [float(easy_vqa.first_word(a) == q.answer) for a, q in zip(answers, sets["vqa"])]
+    return outputs
 
 
-def sample_metrics(reference, quantized, heldout_sets) -> dict[str, list[float]]:
-    """Per-sample metrics (one value per held-out record or text passage).
+def sample_metrics(reference: dict, quantized: dict, sets: dict) -> dict[str, list[float]]:
+    """Per-sample metrics (one value per record, passage or question).
 
     ``kl_answer`` averages the positions from the one predicting the answer's first token to the end.
     """
-    records, texts = heldout_sets
+    records, texts = sets["records"], sets["text"]
     metrics = {"kl_all": [], "kl_answer": [], "top1": [], "text_kl": [], "text_nll": [], "text_nll_fp": []}
-    for ref, quant, row, span in zip(reference[0], quantized[0], records.rows, records.answer_spans):
+    for ref, quant, row, span in zip(reference["records"], quantized["records"], records.rows, records.answer_spans):
         scores = evaluation_sample_metrics(ref, quant, torch.as_tensor(row["input_ids"])[None], answer_spans=[span])
         metrics["kl_all"].append(float(scores["kl"][0]))
         metrics["kl_answer"].append(float(scores["kl_answer"][0]))
         metrics["top1"].append(float(scores["top1"][0]))
-    for ref, quant, row in zip(reference[1], quantized[1], texts.rows):
+    for ref, quant, row in zip(reference["text"], quantized["text"], texts.rows):
         scores = evaluation_sample_metrics(ref, quant, torch.as_tensor(row["input_ids"])[None])
         metrics["text_kl"].append(float(scores["kl"][0]))
         metrics["text_nll"].append(float(scores["nll"][0]))
         metrics["text_nll_fp"].append(float(scores["nll_reference"][0]))
+    if "vqa_correct" in quantized:
+        metrics["vqa_correct"] = quantized["vqa_correct"]
+        metrics["vqa_correct_fp"] = reference["vqa_correct"]
     return metrics
 
 
 # ---------------------------------------------------------------- one cell
 
 
-def save_reference(model_kind: str, path: Path) -> None:
-    """The FP parent's held-out log-probabilities, computed once per run and read by every cell."""
-    model, _, _, heldout_sets = load_subject(model_kind, samples=1, mask_prompt=False)
-    torch.save(log_probs(model.eval(), heldout_sets), path)
+def save_reference(model_kind: str, split: str, path: Path) -> None:
+    """The FP parent's outputs on the scored split, computed once per run and read by every cell."""
+    model, processor = load_model_and_processor(model_kind)
+    torch.save(model_outputs(model, processor, evaluation_sets(model_kind, split, processor)), path)
 
 
-def run_cell(model_kind: str, scheme: str, method: str, samples: int, reference_path: Path) -> dict:
-    """Calibrate one (model, scheme, method) and score it against the FP parent; per-sample metrics."""
+def run_cell(model_kind: str, scheme: str, method: str, samples: int, seed: int, split: str,
+             reference_path: Path) -> dict:
+    """Calibrate one (model, scheme, method) on ``samples`` records drawn with ``seed``; score it on ``split``."""
+    from qig_plugin.data import build_calibration_dataset
     from qig_plugin.quantize import calibrate
 
-    torch.manual_seed(SEED)
-    mask_prompt = method in PROMPT_MASKED
-    model, processor, dataset, heldout_sets = load_subject(model_kind, samples, mask_prompt)
-    seconds = calibrate(model, processor, build_modifiers(method, scheme), dataset, use_loss_mask=mask_prompt)
-    quantized = log_probs(model.eval(), heldout_sets)
-    reference = torch.load(reference_path)
+    torch.manual_seed(seed)
+    model, processor = load_model_and_processor(model_kind)
+    dataset = build_calibration_dataset(records_of(model_kind, "calibration", samples, seed, processor), processor)
+    seconds = calibrate(model, processor, build_modifiers(method, scheme), dataset)
+    sets = evaluation_sets(model_kind, split, processor)
     return {
-        "model": model_kind, "scheme": scheme, "method": method, "samples": samples,
+        "model": model_kind, "scheme": scheme, "method": method, "samples": samples, "seed": seed, "split": split,
         "calibration_tokens": int(sum(len(ids) for ids in dataset["input_ids"])),
         "calibration_s": round(seconds, 1),
-        "per_sample": sample_metrics(reference, quantized, heldout_sets),
+        "per_sample": sample_metrics(torch.load(reference_path), model_outputs(model, processor, sets), sets),
     }
 
 
 # ---------------------------------------------------------------- summary
 
 
-def summarize(cell: dict) -> dict:
-    per_sample = {k: np.array(v) for k, v in cell["per_sample"].items()}
+def pooled(cells: list[dict]) -> dict[str, np.ndarray]:
+    """Per-sample metrics of a method's seeds, averaged over the seeds (same scored samples in every cell)."""
+    return {k: np.mean([np.array(c["per_sample"][k]) for c in cells], axis=0) for k in cells[0]["per_sample"]}
+
+
+def summarize(cells: list[dict]) -> dict:
+    per_sample = pooled(cells)
     text_tokens = np.full(len(per_sample["text_nll"]), TEXT_TOKENS - 1)  # every passage scores TEXT_TOKENS - 1 tokens
-    return {
+    summary = {
+        "seeds": sorted(c["seed"] for c in cells),
+        "calibration_tokens": [c["calibration_tokens"] for c in cells],
         "kl_all": bootstrap_interval(per_sample["kl_all"]),
         "kl_answer": bootstrap_interval(per_sample["kl_answer"]),
         "top1": bootstrap_interval(per_sample["top1"]),
         "text_kl": bootstrap_interval(per_sample["text_kl"]),
         "text_ppl": perplexity_interval(per_sample["text_nll"], text_tokens),
         "text_ppl_fp": perplexity_interval(per_sample["text_nll_fp"], text_tokens)[0],
-        "calibration_s": cell["calibration_s"],
+        "calibration_s": [c["calibration_s"] for c in cells],
     }
+    if "vqa_correct" in per_sample:
+        summary["vqa_accuracy"] = bootstrap_interval(per_sample["vqa_correct"])
+        summary["vqa_accuracy_fp"] = float(np.mean(per_sample["vqa_correct_fp"]))
+    return summary
+
+
+def regime_check(summaries: dict) -> list[dict]:
+    """Per (model, scheme): does stock GPTQ beat round-to-nearest on KL and on text perplexity?"""
+    rows = []
+    for model_kind, scheme in sorted({(m, s) for m, s, _ in summaries}):
+        gptq, rtn = summaries.get((model_kind, scheme, "gptq")), summaries.get((model_kind, scheme, "rtn"))
+        if gptq is None or rtn is None:
+            continue
+        kl, ppl = gptq["kl_all"][0] < rtn["kl_all"][0], gptq["text_ppl"][0] < rtn["text_ppl"][0]
+        rows.append({"model": model_kind, "scheme": scheme, "gptq_kl": gptq["kl_all"][0], "rtn_kl": rtn["kl_all"][0],
+                     "gptq_ppl": gptq["text_ppl"][0], "rtn_ppl": rtn["text_ppl"][0], "gptq_beats_rtn": kl and ppl,
+                     "verdict": "sane" if kl and ppl else
+                     "GPTQ does not beat RTN: the calibration set is too small or too narrow for this scheme"})
+    return rows
 
 
 def ratios_to_best_stock(cells: dict) -> list[dict]:
-    """Per (model, scheme): each non-stock method's KL over the best stock method's (not RTN), paired bootstrap."""
+    """Per (model, scheme): each non-stock method against the best stock method (not RTN) and its stock twin:
+    KL ratios with paired bootstrap intervals, perplexity ratio, VQA accuracy difference (points)."""
     rows = []
     for model_kind, scheme in sorted({(m, s) for m, s, _ in cells}):
-        present = {k: cell["per_sample"] for (m, s, k), cell in cells.items() if (m, s) == (model_kind, scheme)}
+        present = {k: pooled(c) for (m, s, k), c in cells.items() if (m, s) == (model_kind, scheme)}
         stock = [k for k in present if k in STOCK and k != "rtn"]
         if not stock:
             continue
@@ -296,12 +361,15 @@ def ratios_to_best_stock(cells: dict) -> list[dict]:
                 continue
             row = {"model": model_kind, "scheme": scheme, "method": method, "best_stock": best}
             for metric in ("kl_all", "kl_answer", "text_kl"):
-                row[metric] = paired_ratio(np.array(metrics[metric]), np.array(present[best][metric]))
-            twin = "gptq" if method in ABLATION else STOCK_TWIN.get(method)
+                row[metric] = paired_ratio(metrics[metric], present[best][metric])
+            row["text_ppl_ratio"] = float(np.exp(np.mean(metrics["text_nll"]) - np.mean(present[best]["text_nll"])))
+            if "vqa_correct" in metrics:
+                row["vqa_points"] = [100 * v for v in paired_difference(metrics["vqa_correct"],
+                                                                        present[best]["vqa_correct"])]
+            twin = STOCK_TWIN.get(method)
             if twin in present:
                 row["twin"] = twin
-                row["kl_all_twin"] = paired_ratio(np.array(metrics["kl_all"]), np.array(present[twin]["kl_all"]))
-            row["text_ppl_ratio"] = float(np.exp(np.mean(metrics["text_nll"]) - np.mean(present[best]["text_nll"])))
+                row["kl_all_twin"] = paired_ratio(metrics["kl_all"], present[twin]["kl_all"])
             rows.append(row)
     return rows
 
@@ -310,32 +378,43 @@ def fmt(interval: list[float], digits: int = 3) -> str:
     return f"{interval[0]:.{digits}f} [{interval[1]:.{digits}f}, {interval[2]:.{digits}f}]"
 
 
-def markdown(summaries: dict, ratios: list[dict]) -> str:
-    lines = ["| model | scheme | method | KL all | KL answer | top-1 | text PPL (FP) | calib s |",
-             "|---|---|---|---|---|---|---|---|"]
+def markdown(summaries: dict, ratios: list[dict], regime: list[dict], header: str) -> str:
+    lines = [header, "",
+             "| model | scheme | method | KL all | KL answer | top-1 | text PPL (FP) | VQA % (FP) | calib s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for (model_kind, scheme, method), s in sorted(summaries.items(), key=lambda kv: (
             kv[0][0], SCHEMES.index(kv[0][1]), list(METHODS).index(kv[0][2]))):
+        vqa = (f"{100 * s['vqa_accuracy'][0]:.1f} [{100 * s['vqa_accuracy'][1]:.1f}, {100 * s['vqa_accuracy'][2]:.1f}]"
+               f" ({100 * s['vqa_accuracy_fp']:.1f})" if "vqa_accuracy" in s else "-")
         lines.append(f"| {model_kind} | {scheme} | {method} | {fmt(s['kl_all'])} | {fmt(s['kl_answer'])} "
-                     f"| {s['top1'][0]:.3f} | {s['text_ppl'][0]:.2f} ({s['text_ppl_fp']:.2f}) | {s['calibration_s']} |")
-    lines += ["", "| model | scheme | method | best stock | KL ratio all | KL ratio answer | text KL ratio | PPL ratio "
-              "| KL ratio to stock twin |", "|---|---|---|---|---|---|---|---|---|"]
+                     f"| {s['top1'][0]:.3f} | {s['text_ppl'][0]:.2f} ({s['text_ppl_fp']:.2f}) | {vqa} "
+                     f"| {'/'.join(str(round(t)) for t in s['calibration_s'])} |")
+    lines += ["", "Regime check (stock GPTQ against RTN):", "",
+              "| model | scheme | GPTQ KL | RTN KL | GPTQ PPL | RTN PPL | verdict |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['scheme']} | {r['gptq_kl']:.4f} | {r['rtn_kl']:.4f} | {r['gptq_ppl']:.2f} "
+              f"| {r['rtn_ppl']:.2f} | {r['verdict']} |" for r in regime]
+    lines += ["", ("| model | scheme | method | best stock | KL ratio all | KL ratio answer | text KL ratio | PPL ratio "
+                   "| VQA points vs best stock | KL ratio to stock twin |"), "|---|---|---|---|---|---|---|---|---|---|"]
     for r in ratios:
         twin = f"{fmt(r['kl_all_twin'])} ({r['twin']})" if "twin" in r else "-"
+        vqa = fmt(r["vqa_points"], 1) if "vqa_points" in r else "-"
         lines.append(f"| {r['model']} | {r['scheme']} | {r['method']} | {r['best_stock']} | {fmt(r['kl_all'])} "
-                     f"| {fmt(r['kl_answer'])} | {fmt(r['text_kl'])} | {r['text_ppl_ratio']:.3f} | {twin} |")
+                     f"| {fmt(r['kl_answer'])} | {fmt(r['text_kl'])} | {r['text_ppl_ratio']:.3f} | {vqa} | {twin} |")
     return "\n".join(lines) + "\n"
 
 
-def plot(summaries: dict, path: Path) -> None:
+def plot(summaries: dict, path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models = sorted({m for m, _, _ in summaries})
-    colors = dict(zip(METHODS, plt.get_cmap("tab20").colors))  # one color per method in every panel
-    figure, axes = plt.subplots(len(models), 1, figsize=(13, 3.8 * len(models)), squeeze=False)
-    for axis, model_kind in zip(axes[:, 0], models):
+    panels = [(m, "kl_all", "KL(FP || Q), lower is better", True) for m in sorted({m for m, _, _ in summaries})]
+    if any("vqa_accuracy" in s for s in summaries.values()):
+        panels.append(("vlm", "vqa_accuracy", "easy-VQA accuracy, higher is better", False))
+    colors = dict(zip(METHODS, plt.get_cmap("tab20").colors * 2))  # one color per method in every panel
+    figure, axes = plt.subplots(len(panels), 1, figsize=(13, 3.8 * len(panels)), squeeze=False)
+    for axis, (model_kind, metric, label, log_scale) in zip(axes[:, 0], panels):
         schemes = [s for s in SCHEMES if any((model_kind, s, m) in summaries for m in METHODS)]
         methods = [m for m in METHODS if any((model_kind, s, m) in summaries for s in schemes)]
         width = 0.8 / len(methods)
@@ -343,17 +422,18 @@ def plot(summaries: dict, path: Path) -> None:
             xs, ys, errors = [], [], []
             for j, scheme in enumerate(schemes):
                 if (model_kind, scheme, method) in summaries:
-                    mean, low, high = summaries[(model_kind, scheme, method)]["kl_all"]
+                    mean, low, high = summaries[(model_kind, scheme, method)][metric]
                     xs.append(j + (i - len(methods) / 2 + 0.5) * width)
                     ys.append(mean)
                     errors.append((mean - low, high - mean))
-            hatch = "//" if method in QIG else ("." if method in CONTROLS + ABLATION else None)
+            hatch = "//" if method in QIG else ("." if method in CONTROLS + tuple(VARIANTS) else None)
             axis.bar(xs, ys, width, yerr=np.array(errors).T, label=method, hatch=hatch, capsize=2,
                      color=colors[method])
         axis.set_xticks(range(len(schemes)), [s.upper() for s in schemes])
-        axis.set_yscale("log")
-        axis.set_ylabel("held-out KL(FP || Q)")
-        axis.set_title(f"{model_kind}: lower is better (95% bootstrap intervals)")
+        if log_scale:
+            axis.set_yscale("log")
+        axis.set_ylabel(label.split(",")[0])
+        axis.set_title(f"{model_kind}: {label} (95% bootstrap intervals); {title}")
         axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never over them
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -384,78 +464,93 @@ def run_child(arguments: list[str]) -> str:
 
 
 def plan(args) -> list[tuple[str, str, str]]:
-    methods = args.methods or (MAIN_METHODS + ABLATION)
+    methods = args.methods or MAIN_METHODS
     return [(model_kind, scheme, method) for model_kind in args.models for scheme in args.schemes
             for method in methods if scheme in METHODS[method][3]
-            and not (model_kind == "text" and method in ABLATION + IMAGE_ONLY)]
+            and not (model_kind == "text" and method in IMAGE_ONLY)]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="VLM, W3A16, GPTQ family, 8 samples")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"VLM, W3A16, GPTQ family, {QUICK_SAMPLES} samples, one seed: under 10 minutes")
     parser.add_argument("--models", nargs="+", choices=("vlm", "text"), default=["vlm", "text"])
     parser.add_argument("--schemes", nargs="+", choices=SCHEMES, default=list(SCHEMES))
     parser.add_argument("--methods", nargs="+", choices=list(METHODS))
-    parser.add_argument("--samples", type=int, default=16, help="calibration records (of 52)")
+    parser.add_argument("--samples", type=int, default=SAMPLES, help="calibration records (about 256 tokens each)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="calibration draws")
+    parser.add_argument("--split", choices=("validation", "heldout"), default="heldout",
+                        help="scored split: validation for choices, heldout for reported numbers")
     parser.add_argument("--fresh", action="store_true", help="recompute cells already saved")
-    parser.add_argument("--one", nargs=5, help=argparse.SUPPRESS)  # MODEL SCHEME METHOD SAMPLES REFERENCE
-    parser.add_argument("--reference", nargs=2, help=argparse.SUPPRESS)  # MODEL PATH
+    parser.add_argument("--one", nargs=7, help=argparse.SUPPRESS)  # MODEL SCHEME METHOD SAMPLES SEED SPLIT REFERENCE
+    parser.add_argument("--reference", nargs=3, help=argparse.SUPPRESS)  # MODEL SPLIT PATH
     args = parser.parse_args()
     if args.reference:
-        save_reference(args.reference[0], Path(args.reference[1]))
+        save_reference(args.reference[0], args.reference[1], Path(args.reference[2]))
         return
     if args.one:
-        model_kind, scheme, method, samples, reference = args.one
-        print("RESULT " + json.dumps(run_cell(model_kind, scheme, method, int(samples), Path(reference))))
+        model_kind, scheme, method, samples, seed, split, reference = args.one
+        print("RESULT " + json.dumps(run_cell(model_kind, scheme, method, int(samples), int(seed), split,
+                                              Path(reference))))
         return
     if args.quick:
-        args.models, args.schemes, args.samples = ["vlm"], ["w3a16"], 8
-        args.methods = args.methods or ["rtn", "gptq", "qig_gptq", "norm_gptq"]
+        args.models, args.schemes, args.samples, args.seeds = ["vlm"], ["w3a16"], QUICK_SAMPLES, [0]
+        args.methods = args.methods or ["rtn", "gptq", "qig_gptq", "discrepancy_gptq"]
+    stem = "quality_quick" if args.quick else ("quality" if args.split == "heldout" else "quality_validation")
     with tempfile.TemporaryDirectory() as scratch:
         # --quick computes every cell afresh, keeps none, and writes quality_quick.*
         cells_dir = Path(scratch) / "cells" if args.quick else CELLS
-        run_grid(args, cells_dir, Path(scratch), "quality_quick" if args.quick else "quality")
+        run_grid(args, cells_dir, Path(scratch), stem)
 
 
 def run_grid(args, cells_dir: Path, scratch: Path, stem: str) -> None:
-    """Run the planned cells not saved in ``cells_dir`` yet; summarize every saved cell of this sample count."""
+    """Run the planned cells not saved in ``cells_dir`` yet; summarize every saved cell of this size and split."""
     started = time.perf_counter()
-    cells = {}
-    todo = plan(args)
+    todo = [(*cell, seed) for cell in plan(args) for seed in args.seeds]
     cells_dir.mkdir(parents=True, exist_ok=True)
     references = {}
-    for index, (model_kind, scheme, method) in enumerate(todo, 1):
-        saved = cells_dir / f"{model_kind}_{scheme}_{method}_{args.samples}.json"
+    for index, (model_kind, scheme, method, seed) in enumerate(todo, 1):
+        name = f"{model_kind} {scheme} {method} seed {seed}"
+        saved = cells_dir / f"{model_kind}_{scheme}_{method}_{args.samples}_seed{seed}_{args.split}.json"
         if saved.exists() and not args.fresh:
-            cells[(model_kind, scheme, method)] = json.loads(saved.read_text())
-            print(f"[{index}/{len(todo)}] {model_kind} {scheme} {method}: saved result", flush=True)
+            print(f"[{index}/{len(todo)}] {name}: saved result", flush=True)
             continue
         if model_kind not in references:
             references[model_kind] = scratch / f"{model_kind}_reference.pt"
-            print(f"FP reference of {model_kind} ...", flush=True)
-            run_child(["--reference", model_kind, str(references[model_kind])])
-        print(f"[{index}/{len(todo)}] {model_kind} {scheme} {method} on {args.samples} samples "
+            print(f"FP reference of {model_kind} on {args.split} ...", flush=True)
+            run_child(["--reference", model_kind, args.split, str(references[model_kind])])
+        print(f"[{index}/{len(todo)}] {name} on {args.samples} samples, scored on {args.split} "
               f"({time.perf_counter() - started:.0f} s so far) ...", flush=True)
-        output = run_child(["--one", model_kind, scheme, method, str(args.samples), str(references[model_kind])])
+        output = run_child(["--one", model_kind, scheme, method, str(args.samples), str(seed), args.split,
+                            str(references[model_kind])])
         cell = json.loads(next(l for l in output.splitlines() if l.startswith("RESULT ")).removeprefix("RESULT "))
         saved.write_text(json.dumps(cell) + "\n")
-        cells[(model_kind, scheme, method)] = cell
-        print(f"    KL {np.mean(cell['per_sample']['kl_all']):.4f}, calibration {cell['calibration_s']} s", flush=True)
+        vqa = cell["per_sample"].get("vqa_correct")
+        print(f"    KL {np.mean(cell['per_sample']['kl_all']):.4f}"
+              + (f", VQA {100 * np.mean(vqa):.1f}%" if vqa else "")
+              + f", {cell['calibration_tokens']} tokens, calibration {cell['calibration_s']} s", flush=True)
 
-    for saved in sorted(cells_dir.glob(f"*_{args.samples}.json")):  # this run's cells and every earlier one
+    cells: dict[tuple[str, str, str], list[dict]] = {}
+    for saved in sorted(cells_dir.glob(f"*_{args.samples}_seed*_{args.split}.json")):  # every saved cell
         cell = json.loads(saved.read_text())
-        cells.setdefault((cell["model"], cell["scheme"], cell["method"]), cell)
-    summaries = {key: summarize(cell) for key, cell in cells.items()}
+        cells.setdefault((cell["model"], cell["scheme"], cell["method"]), []).append(cell)
+    summaries = {key: summarize(group) for key, group in cells.items()}
     ratios = ratios_to_best_stock(cells)
-    table = markdown(summaries, ratios)
+    regime = regime_check(summaries)
+    tokens = sorted({t for s in summaries.values() for t in s["calibration_tokens"]})
+    header = (f"{args.samples} calibration samples ({tokens[0]}-{tokens[-1]} tokens), scored on the {args.split} "
+              f"split" + (" (--quick: not the headline size)" if args.quick else ""))
+    table = markdown(summaries, ratios, regime, header)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps({
-        "samples": args.samples, "seed": SEED, "text_passages": TEXT_PASSAGES, "text_tokens": TEXT_TOKENS,
+        "samples": args.samples, "calibration_tokens": [tokens[0], tokens[-1]], "split": args.split,
+        "eval_records": EVAL_RECORDS, "text_passages": TEXT_PASSAGES, "text_tokens": TEXT_TOKENS,
+        "vqa_questions": VQA_QUESTIONS, "regime_check": regime,
         "cells": [{"model": m, "scheme": s, "method": k, **v} for (m, s, k), v in summaries.items()],
         "ratios_to_best_stock": ratios,
     }, indent=1) + "\n")
     (RESULTS / f"{stem}.md").write_text(table)
-    plot(summaries, RESULTS / f"{stem}.png")
+    plot(summaries, RESULTS / f"{stem}.png", header)
     print("\n" + table)
     print(f"total {time.perf_counter() - started:.0f} s")
 

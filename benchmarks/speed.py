@@ -1,19 +1,19 @@
 """Calibration cost of QIG-GPTQ and QIG-AWQ against stock GPTQ and AWQ on the default model, side by side.
 
-    python benchmarks/speed.py [--sizes 4 8 16] [--awq-sizes 4] [--repeats 3] [--fixed-nodes 1 2]
-                               [--flop-sizes 2 4] [--scheme w4a16]
+    python benchmarks/speed.py [--sizes 16 64 256] [--exact-sizes 16 64] [--awq-sizes 16 64 256] [--repeats 1]
+                               [--one-node] [--flop-sizes 2 4] [--scheme w4a16]
 
-Every (method, size) runs in its own process, on the same first ``size`` records of the
-shipped calibration set, ``--repeats`` times in interleaved order (stock, QIG, stock, QIG, ...),
-and reports the median and range of: the whole ``oneshot`` wall time; the decoder-layer time
-(from the moment text layer 1 first runs to the end, so that the unquantized vision tower,
-which runs in the first subgraph with layer 0, cannot hide QIG's cost); the time inside QIG's
-attribution pre-hooks; and the process's peak resident memory. ``--fixed-nodes`` adds
-QIG-GPTQ runs at the largest size with that many Gauss-Legendre nodes on every block and no
-completeness check (``qig_gptq@N``: cheaper, less faithful, see attribution_fidelity.json).
-``--flop-sizes`` counts, in separate untimed runs, the FLOPs of stock GPTQ's whole ``oneshot``
-and of QIG-GPTQ's attribution (PyTorch's FlopCounterMode: matmuls and attention), and from two
-sizes their cost per extra calibration token, which no implementation can go below.
+Every (method, size) runs in its own process on the first ``size`` records of the user-scale calibration set
+(``qig_plugin.data.user_scale.vlm_records("calibration")``, about 256 tokens each: 256 records are 64k+ tokens),
+``--repeats`` times in interleaved order (stock, QIG, stock, QIG, ...), and reports the median and range of: the
+whole ``oneshot`` wall time; the decoder-layer time (from the moment text layer 1 first runs to the end, so that
+the unquantized vision tower, which runs in the first subgraph with layer 0, cannot hide QIG's cost); the time
+inside QIG's attribution; and the process's peak resident memory. QIG runs with the recipes' default attribution
+(``qig_attribution: fast``); ``--exact-sizes`` adds ``qig_attribution: exact`` (the paper's integrated gradients
+on every block) and ``--one-node`` adds fast attribution with one node on attention at the largest size. Seconds
+per extra calibration token come from the slope between the smallest and largest size. ``--flop-sizes`` counts, in
+separate untimed runs, the FLOPs of stock GPTQ's whole ``oneshot`` and of QIG-GPTQ's attribution (PyTorch's
+FlopCounterMode: matmuls and attention) and from two sizes their cost per extra calibration token.
 Writes ``benchmarks/results/speed.json`` and ``speed.png`` and prints tables.
 """
 
@@ -38,18 +38,24 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 # stock method -> its QIG twin (qig_plugin/recipes/{method}_{scheme}.yaml)
 TWINS = {"gptq": "qig_gptq", "awq": "qig_awq"}
+EXACT = {qig: f"{qig}@qig_attribution=exact" for qig in TWINS.values()}
 MEASURES = ("oneshot_s", "decoder_layers_s", "attribution_s", "peak_rss_gb")
 
 
 def recipe_path(method: str, scheme: str, scratch: Path) -> Path:
-    """``qig_plugin/recipes/{method}_{scheme}.yaml``; ``qig_gptq@N`` is that QIG-GPTQ recipe with N nodes on every block, unchecked."""
-    base, _, nodes = method.partition("@")
+    """``qig_plugin/recipes/{method}_{scheme}.yaml``; ``qig_gptq@field=value,...`` is that recipe with its QIG
+    modifier's fields changed (e.g. ``qig_gptq@qig_attribution=exact``)."""
+    base, _, overrides = method.partition("@")
     path = shipped_recipe(f"{base}_{scheme}")
-    if not nodes:
+    if not overrides:
         return path
     recipe = yaml.safe_load(path.read_text())
-    recipe["quant_stage"]["quant_modifiers"]["QIGGPTQModifier"].update(qig_steps=int(nodes), qig_min_steps=int(nodes))
-    patched = scratch / f"{base}_{nodes}_nodes.yaml"
+    modifiers = recipe["quant_stage"]["quant_modifiers"]
+    (qig_modifier,) = [name for name in modifiers if name.startswith("QIG")]
+    for assignment in overrides.split(","):
+        field, _, value = assignment.partition("=")
+        modifiers[qig_modifier][field] = yaml.safe_load(value)
+    patched = scratch / f"{base}_{abs(hash(overrides))}.yaml"
     patched.write_text(yaml.safe_dump(recipe))
     return patched
 
@@ -59,7 +65,8 @@ def measure(method: str, size: int, scheme: str, count_flops: bool = False) -> d
     ``count_flops`` its FLOPs (whole ``oneshot`` and inside QIG's attribution, in GFLOP)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from qig_plugin.data import build_calibration_dataset, shipped_records
+    from qig_plugin.data import build_calibration_dataset
+    from qig_plugin.data.user_scale import vlm_records
     from qig_plugin.models import build_default_model, load_model, load_processor
     from qig_plugin.modifiers import QIGAWQModifier, QIGGPTQModifier
     from qig_plugin.quantize import quantize_to_checkpoint
@@ -67,7 +74,7 @@ def measure(method: str, size: int, scheme: str, count_flops: bool = False) -> d
 
     model_dir = build_default_model()
     processor = load_processor(model_dir)
-    dataset = build_calibration_dataset(shipped_records("calibration")[:size], processor)
+    dataset = build_calibration_dataset(vlm_records("calibration", size, processor=processor), processor)
     model = load_model(model_dir)
 
     layer_one_start: list[float] = []
@@ -151,6 +158,25 @@ def ratios(rows: list[dict]) -> list[dict]:
     return out
 
 
+def time_slopes(rows: list[dict]) -> list[dict]:
+    """Decoder-layer seconds per extra calibration token of each method (smallest to largest size it ran at),
+    and each QIG method's slope over its stock twin's: the ratio a large model on a fast device tends to."""
+    slopes = {}
+    for method in dict.fromkeys(r["method"] for r in rows):
+        points = sorted((r for r in rows if r["method"] == method), key=lambda r: r["tokens"])
+        if len(points) > 1:
+            first, last = points[0], points[-1]
+            slopes[method] = {"method": method, "tokens": [first["tokens"], last["tokens"]],
+                              "ms_per_token": round(1000 * (last["decoder_layers_s"] - first["decoder_layers_s"])
+                                                    / (last["tokens"] - first["tokens"]), 3)}
+    stock_of = {qig: stock for stock, qig in TWINS.items()}
+    for method, slope in slopes.items():
+        stock = slopes.get(stock_of.get(method.partition("@")[0]))
+        if stock is not None:
+            slope["over_stock"] = round(slope["ms_per_token"] / stock["ms_per_token"], 2)
+    return list(slopes.values())
+
+
 def flop_slopes(counts: list[dict]) -> dict:
     """FLOPs per extra calibration token between the smallest and largest counted size: stock GPTQ's whole
     ``oneshot`` and QIG-GPTQ's attribution, and the QIG/stock ratio they bound from below as tokens grow."""
@@ -186,11 +212,14 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[4, 8, 16], help="GPTQ calibration samples")
-    parser.add_argument("--awq-sizes", type=int, nargs="*", default=[4], help="AWQ calibration samples")
-    parser.add_argument("--repeats", type=int, default=3, help="runs of each (method, size), interleaved")
-    parser.add_argument("--fixed-nodes", type=int, nargs="*", default=[1, 2],
-                        help="also time QIG-GPTQ at the largest size with this many nodes everywhere, unchecked")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[16, 64, 256],
+                        help="calibration samples (about 256 tokens each) of GPTQ and QIG-GPTQ")
+    parser.add_argument("--exact-sizes", type=int, nargs="*", default=[16, 64],
+                        help="sizes at which QIG-GPTQ also runs with qig_attribution: exact")
+    parser.add_argument("--awq-sizes", type=int, nargs="*", default=[16, 64, 256], help="AWQ calibration samples")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each (method, size), interleaved")
+    parser.add_argument("--one-node", action="store_true",
+                        help="also time QIG-GPTQ at the largest size with 1 node on attention (qig_min_steps: 1)")
     parser.add_argument("--flop-sizes", type=int, nargs="*", default=[2, 4],
                         help="count GPTQ and QIG-GPTQ FLOPs at these sizes (untimed runs, about 6x slower)")
     parser.add_argument("--scheme", default="w4a16", help="recipe suffix: w4a16, w4a8, w8a8, w3a16")
@@ -203,21 +232,24 @@ def main() -> None:
     if len(args.flop_sizes) == 1:
         parser.error("--flop-sizes needs two sizes or more (the cost per token is a slope), or none")
 
-    plan = [(size, method) for stock, sizes in (("gptq", args.sizes), ("awq", args.awq_sizes))
-            for size in sizes for method in (stock, TWINS[stock])]
-    plan += [(max(args.sizes), f"qig_gptq@{nodes}") for nodes in args.fixed_nodes]
+    plan = [(size, method) for size in args.sizes for method in ("gptq", "qig_gptq")]
+    plan += [(size, EXACT["qig_gptq"]) for size in args.exact_sizes]
+    plan += [(size, method) for size in args.awq_sizes for method in ("awq", "qig_awq")]
+    plan += [(max(args.sizes), "qig_gptq@qig_min_steps=1")] if args.one_node else []
     counts = [run_one(method, size, args.scheme, count_flops=True)
               for size in args.flop_sizes for method in ("gptq", "qig_gptq")]
     runs = [{**run_one(method, size, args.scheme), "repeat": repeat}
             for repeat in range(args.repeats) for size, method in plan]
     rows = medians(runs)
     qig_over_stock = ratios(rows)
+    slopes = time_slopes(rows)
     flops = flop_slopes(counts) if counts else None
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "speed.json").write_text(json.dumps({
-        "model": "default (SmolLM2-135M-Instruct in SmolVLM, random 2-layer vision tower)",
+        "model": "default (SmolLM2-135M-Instruct in SmolVLM, easy-VQA vision tower)", "data": "vlm_records(\"calibration\")",
         "scheme": args.scheme, "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(), "repeats": args.repeats, "rows": rows, "qig_over_stock": qig_over_stock,
+        "seconds_per_token": slopes,
         "flop_counts": counts, "flops_per_token": flops, "runs": runs}, indent=1) + "\n")
     plot(rows, RESULTS / "speed.png")
 
@@ -232,6 +264,10 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for r in qig_over_stock:
         print(f"| {r['method']} | {r['samples']} | {r['oneshot']} | {r['decoder_layers']} | {r['peak_rss']} |")
+    print("\n| method | tokens | decoder-layer ms per extra token | over stock |")
+    print("|---|---|---|---|")
+    for r in slopes:
+        print(f"| {r['method']} | {r['tokens'][0]}-{r['tokens'][1]} | {r['ms_per_token']} | {r.get('over_stock', '-')} |")
     if flops:
         print(f"\nper extra calibration token: stock GPTQ oneshot {flops['stock_gptq_gflop_per_token']} GFLOP, "
               f"QIG attribution {flops['qig_attribution_gflop_per_token']} GFLOP: QIG-GPTQ/GPTQ tends to at "

@@ -51,7 +51,7 @@ class QIGSettings(BaseModel):
         (None: all nodes at once, the fastest; set it to bound memory on long sequences)
     """
 
-    qig_attribution: Literal["fast", "exact"] = "exact"
+    qig_attribution: Literal["fast", "exact"] = "fast"
     qig_steps: int = Field(default=6, ge=1)
     qig_min_steps: int = Field(default=2, ge=1)
     qig_completeness_tol: float = Field(default=0.01, ge=0)

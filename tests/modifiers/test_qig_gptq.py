@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 import qig_plugin  # noqa: F401  (registers the modifiers)
 from qig_plugin.attribution import block as attribution_block
+from qig_plugin.modifiers import block_attribution
 from qig_plugin.modifiers import QIGGPTQModifier
 from qig_plugin.modifiers.groups import resolve_groups, targeted_linears
 from qig_plugin.modifiers.block_attribution import attendable_tokens as _attendable_tokens
@@ -137,6 +138,29 @@ def test_recipe_without_plugin_import_says_import_qig_plugin():
     assert "import qig_plugin" in result.stderr
 
 
+def test_fast_attribution_integrates_attention_alone_with_min_steps_nodes(tiny_llama_dir, tmp_path, monkeypatch):
+    integrals = []  # (block, min_steps, steps) of every path integral taken
+    real_token_scores = attribution_block.qig_token_scores
+    real_attribute = attribution_block.attribute_block
+
+    def recording_token_scores(*args, min_steps, steps, **kwargs):
+        integrals[-1].extend((min_steps, steps))
+        return real_token_scores(*args, min_steps=min_steps, steps=steps, **kwargs)
+
+    def recording_attribute(block, *args, **kwargs):
+        integrals.append([type(block).__name__])
+        return real_attribute(block, *args, **kwargs)
+
+    monkeypatch.setattr(attribution_block, "qig_token_scores", recording_token_scores)
+    monkeypatch.setattr(block_attribution, "attribute_block", recording_attribute)
+    quantize(tiny_llama_dir, QIGGPTQModifier(**SCHEME), tmp_path / "qig")  # qig_attribution: fast, the default
+
+    assert len(integrals) == 6 * 2 * 4
+    taken = [c for c in integrals if len(c) > 1]
+    assert {c[0] for c in taken} == {"LlamaAttention"}  # MLPs and single linears: forward only
+    assert len(taken) == 6 * 2 and all(c[1:] == [None, 2] for c in taken)  # qig_min_steps nodes, unchecked
+
+
 def test_each_block_starts_from_its_last_node_count_and_keeps_a_settled_one_unchecked(
     tiny_llama_dir, tmp_path, monkeypatch
 ):
@@ -155,7 +179,8 @@ def test_each_block_starts_from_its_last_node_count_and_keeps_a_settled_one_unch
 
     monkeypatch.setattr(attribution_block, "qig_token_scores", recording_token_scores)
     monkeypatch.setattr(QIGGPTQModifier, "qig_scores", recording_block_scores)
-    quantize(tiny_llama_dir, QIGGPTQModifier(**SCHEME, qig_completeness_tol=1e-4), tmp_path / "qig")
+    quantize(tiny_llama_dir, QIGGPTQModifier(**SCHEME, qig_attribution="exact", qig_completeness_tol=1e-4),
+             tmp_path / "qig")
 
     assert len(calls) == 6 * 2 * 4
     linears = [c for c in calls if isinstance(c[0], torch.nn.Linear)]
