@@ -232,21 +232,6 @@ class EvalSet:
         return any(span is not None for span in self.answer_spans)
 
 
-def _render(record: CalibrationRecord, processor) -> tuple[str, bool]:
-    """The record's conversation as ``build_calibration_dataset`` renders it, and whether a chat template did."""
-    has_template = getattr(processor, "chat_template", None) is not None
-    if not has_template:
-        return f"{record.prompt}\n\n{record.answer}", False
-    user_content = [{"type": "text", "text": record.prompt}]
-    if record.image is not None:
-        user_content.insert(0, {"type": "image"})
-    messages = [
-        {"role": "user", "content": user_content},
-        {"role": "assistant", "content": [{"type": "text", "text": record.answer}]},
-    ]
-    return processor.apply_chat_template(messages, tokenize=False), True
-
-
 def answer_span(record: CalibrationRecord, processor, input_ids: Sequence[int]) -> tuple[int, int] | None:
     """Where the record's answer lies in its tokenized conversation ``input_ids``: ``(start, stop)``, or None.
 
@@ -257,8 +242,11 @@ def answer_span(record: CalibrationRecord, processor, input_ids: Sequence[int]) 
     """
     if not record.answer.strip():
         return None
+    from qig_plugin.data.calibration import render_conversation
+
     tokenizer = getattr(processor, "tokenizer", processor)
-    text, has_template = _render(record, processor)
+    text = render_conversation(record, processor)
+    has_template = getattr(processor, "chat_template", None) is not None
     answer_start = text.index(record.answer, text.index(record.prompt) + len(record.prompt))
     answer_end = answer_start + len(record.answer)
     encoding = tokenizer(text, add_special_tokens=not has_template, return_offsets_mapping=True)

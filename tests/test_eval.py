@@ -2,6 +2,7 @@
 spans, a saved checkpoint scoring as the in-memory quantized model, the command end to end on a tiny Idefics3
 W4A16 checkpoint, and its refusals of bad input (before any model is loaded, nothing written)."""
 
+import dataclasses
 import json
 import math
 import shutil
@@ -120,6 +121,16 @@ def test_answer_spans_hold_the_answer_and_the_end_of_turn(tiny, tmp_path):
     start, stop = answer_span(record, base, ids)
     assert base.decode(ids[start:stop]).strip() == record.answer and stop == len(ids)  # no end-of-turn token
     assert answer_span(record, base, ids[:-3]) is None  # cut off
+
+
+def test_the_answer_span_of_a_multi_turn_record_is_its_first_answer(tiny):
+    processor = tiny["processor"]
+    record = dataclasses.replace(shipped_records("heldout")[0], follow_ups=(("And the sky?", "Blue."),))
+    scored = records_set("multi-turn", [record], processor)
+    (row,), (span,) = scored.rows, scored.answer_spans
+    start, stop = span
+    assert processor.tokenizer.decode(row["input_ids"][start:stop]) == record.answer + "<|im_end|>"
+    assert processor.tokenizer.decode(row["input_ids"][stop:]).count("Blue.") == 1  # the later turn follows
 
 
 def test_text_is_cut_into_passages(tiny):

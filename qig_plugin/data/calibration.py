@@ -154,6 +154,24 @@ def _checked_image(index: int, record: object) -> Image.Image | None:
         raise ValueError(f"{_describe(index, record)}: the image cannot be decoded ({error})") from error
 
 
+def render_conversation(record: CalibrationRecord, processor) -> str:
+    """The record's conversation as text: ``[user: image + prompt, assistant: answer]`` and its follow-up turns in
+    the processor's chat template, or the parts joined by blank lines when it has none (a base model)."""
+    if getattr(processor, "chat_template", None) is None:
+        return "\n\n".join([record.prompt, record.answer, *(part for turn in record.follow_ups for part in turn)])
+    user_content = [{"type": "text", "text": record.prompt}]
+    if record.image is not None:
+        user_content.insert(0, {"type": "image"})
+    messages = [
+        {"role": "user", "content": user_content},
+        {"role": "assistant", "content": [{"type": "text", "text": record.answer}]},
+    ]
+    for prompt, answer in record.follow_ups:
+        messages.append({"role": "user", "content": [{"type": "text", "text": prompt}]})
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    return processor.apply_chat_template(messages, tokenize=False)
+
+
 def build_calibration_dataset(
     records: list[CalibrationRecord],
     processor,
@@ -200,21 +218,7 @@ def build_calibration_dataset(
     placeholder_ids = {tokenizer.convert_tokens_to_ids(token) for token in IMAGE_PLACEHOLDER_TOKENS}
     rows = []
     for index, (record, image) in enumerate(zip(records, images)):
-        user_content = [{"type": "text", "text": record.prompt}]
-        if image is not None:
-            user_content.insert(0, {"type": "image"})
-        messages = [
-            {"role": "user", "content": user_content},
-            {"role": "assistant", "content": [{"type": "text", "text": record.answer}]},
-        ]
-        for prompt, answer in record.follow_ups:
-            messages.append({"role": "user", "content": [{"type": "text", "text": prompt}]})
-            messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
-        text = (
-            processor.apply_chat_template(messages, tokenize=False)
-            if has_template
-            else "\n\n".join([record.prompt, record.answer, *(part for turn in record.follow_ups for part in turn)])
-        )
+        text = render_conversation(record, processor)
         image_inputs = {"images": [[image]]} if image is not None else {}  # a plain tokenizer takes no images
         encoding = processor(text=[text], add_special_tokens=not has_template, return_tensors="np", **image_inputs)
         input_ids = encoding["input_ids"][0]
