@@ -58,7 +58,7 @@ def _topic_text(topic: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", pydoc_data.topics.topics[topic]).strip()
 
 
-def _cut_at_whitespace(text: str, max_chars: int) -> str:
+def cut_at_whitespace(text: str, max_chars: int) -> str:
     """The longest prefix of ``text`` of at most ``max_chars`` characters that ends before a whitespace."""
     if len(text) <= max_chars:
         return text
@@ -68,10 +68,10 @@ def _cut_at_whitespace(text: str, max_chars: int) -> str:
 def _passage_record(topic: str, task: str, image: Image.Image | None, summary: str | None) -> CalibrationRecord:
     text = _topic_text(topic)
     if task == "summarize":
-        passage = _cut_at_whitespace(text, PASSAGE_CHARS)
+        passage = cut_at_whitespace(text, PASSAGE_CHARS)
         return CalibrationRecord(image, f"Summarize this passage from the Python documentation.\n\n{passage}", summary)
-    passage = _cut_at_whitespace(text, min(PASSAGE_CHARS, 2 * len(text) // 3))  # leave text to continue
-    continuation = _cut_at_whitespace(text[len(passage) :].lstrip(), CONTINUATION_CHARS)
+    passage = cut_at_whitespace(text, min(PASSAGE_CHARS, 2 * len(text) // 3))  # leave text to continue
+    continuation = cut_at_whitespace(text[len(passage) :].lstrip(), CONTINUATION_CHARS)
     return CalibrationRecord(
         image, f"Here is a passage from the Python documentation.\n\n{passage}\n\nContinue the text.", continuation
     )

@@ -31,7 +31,7 @@ import re
 from collections.abc import Iterable
 
 from qig_plugin.data import corpora, easy_vqa
-from qig_plugin.data.calibration import CalibrationRecord, _cut_at_whitespace
+from qig_plugin.data.calibration import CalibrationRecord, cut_at_whitespace
 from qig_plugin.data.corpora import Document
 
 TARGET_TOKENS = 256
@@ -106,7 +106,7 @@ def _token_prefix(text: str, tokenizer, tokens: int) -> str:
     if len(offsets) <= tokens:
         return text
     end = offsets[tokens][0]
-    cut = _cut_at_whitespace(text[:end + 1], end)
+    cut = cut_at_whitespace(text[:end + 1], end)
     return cut.rstrip()
 
 
