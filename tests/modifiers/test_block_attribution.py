@@ -69,7 +69,7 @@ def test_hoisted_input_linears_give_the_same_scores(biased_llama, block_name, ba
     block, input_linears = blocks[block_name]
     weight_args = {m: W4_GROUP32 for m in block.modules() if isinstance(m, torch.nn.Linear)}
     args, kwargs = calls[block_name]
-    modifier = QIGGPTQModifier(targets="Linear", scheme="W4A16", qig_min_steps=6)
+    modifier = QIGGPTQModifier(targets="Linear", scheme="W4A16", qig_attribution="exact", qig_min_steps=6)
     per_node = modifier.qig_scores(block, weight_args, args, kwargs, baseline_args)
     hoisted = modifier.qig_scores(block, weight_args, args, kwargs, baseline_args, input_linears)
     assert per_node.shape == (2, 9) and per_node.abs().sum() > 0
@@ -80,7 +80,7 @@ def test_a_single_linear_takes_the_closed_form_of_its_path_integral(biased_llama
     blocks, calls = biased_llama
     block, _ = blocks["o_proj"]
     args, kwargs = calls["o_proj"]
-    modifier = QIGGPTQModifier(targets="Linear", scheme="W4A16")
+    modifier = QIGGPTQModifier(targets="Linear", scheme="W4A16", qig_attribution="exact")
     closed_form = modifier.qig_scores(block, {block: W4_GROUP32}, args, kwargs, input_linears=[block])
     q_weight = fake_quantize_weight(block.weight, W4_GROUP32)
     x = args[0].detach().float()
