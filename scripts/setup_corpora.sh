@@ -20,20 +20,9 @@ LOG_FILE="$CORPORA_DIR/setup.log"
 mkdir -p "$CORPORA_DIR"
 : >"$LOG_FILE"
 
+source "$(dirname "${BASH_SOURCE[0]}")/run_step.sh"
 run_step() {
-    local description="$1"
-    shift
-    local step_start=$SECONDS
-    printf '%-10s %-55s ' "[corpora]" "$description"
-    echo "### $description: $*" >>"$LOG_FILE"
-    if "$@" >>"$LOG_FILE" 2>&1; then
-        printf 'ok (%ds)\n' "$((SECONDS - step_start))"
-    else
-        printf 'FAILED (%ds)\n' "$((SECONDS - step_start))"
-        echo "--- last lines of $LOG_FILE ---" >&2
-        tail -n 30 "$LOG_FILE" >&2
-        exit 1
-    fi
+    run_logged "[corpora]" "$LOG_FILE" "$@"
 }
 
 package_installed() {

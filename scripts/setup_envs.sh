@@ -31,21 +31,11 @@ DONE_MARKER=".qig-setup-done"
 SCRIPT_START=$SECONDS
 
 # Run one step quietly: print a single progress line with its duration; on failure show the log tail and stop.
+source "$REPO_ROOT/scripts/run_step.sh"
 run_step() {
-    local venv_name="$1" description="$2"
-    shift 2
-    local log_file="$VENVS_ROOT/$venv_name.log"
-    local step_start=$SECONDS
-    printf '%-10s %-55s ' "[$venv_name]" "$description"
-    echo "### $description: $*" >>"$log_file"
-    if "$@" >>"$log_file" 2>&1; then
-        printf 'ok (%ds)\n' "$((SECONDS - step_start))"
-    else
-        printf 'FAILED (%ds)\n' "$((SECONDS - step_start))"
-        echo "--- last lines of $log_file ---" >&2
-        grep -v "is ignored: it is neither" "$log_file" | tail -n 30 >&2
-        exit 1
-    fi
+    local venv_name="$1"
+    shift
+    run_logged "[$venv_name]" "$VENVS_ROOT/$venv_name.log" "$@"
 }
 
 # Create an empty venv, replacing any half-built one left by an earlier failed run.
