@@ -4,7 +4,9 @@
 arguments it is called with, the weight quantization args of its targeted linears and the
 :class:`~qig_plugin.attribution.settings.QIGSettings`, and returns each token's QIG score: the
 hidden-mean of ``|IG|`` of the block's quantization discrepancy ``f(x; W) - f(x; Q(W))`` with
-respect to its input. The QIG modifiers, ``qig explain`` and the benchmarks all call it.
+respect to its input (``qig_attribution: exact``), or, for blocks whose tokens do not interact,
+each token's summed integrated gradients taken forward only (``fast``, the default). The QIG
+modifiers, ``qig explain`` and the benchmarks all call it.
 Pure torch plus compressed-tensors' quantizers; nothing here knows about llm-compressor.
 """
 

@@ -31,7 +31,11 @@ import re
 from collections.abc import Iterable
 
 from qig_plugin.data import corpora, easy_vqa
-from qig_plugin.data.calibration import CalibrationRecord, cut_at_whitespace
+from qig_plugin.data.calibration import (
+    CalibrationRecord,
+    cut_at_whitespace,
+    render_conversation,
+)
 from qig_plugin.data.corpora import Document
 
 TARGET_TOKENS = 256
@@ -79,18 +83,7 @@ def record_tokens(record: CalibrationRecord, processor) -> int:
     ``image_seq_len`` image tokens and their wrappers. No image is processed, so it is cheap."""
     tokenizer = _tokenizer(processor)
     has_template = getattr(processor, "chat_template", None) is not None
-    turns = [(record.prompt, record.answer), *record.follow_ups]
-    if has_template:
-        messages = []
-        for index, (prompt, answer) in enumerate(turns):
-            content = [{"type": "text", "text": prompt}]
-            if index == 0 and record.image is not None:
-                content.insert(0, {"type": "image"})
-            messages += [{"role": "user", "content": content},
-                         {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
-        text = processor.apply_chat_template(messages, tokenize=False)
-    else:
-        text = "\n\n".join(part for turn in turns for part in turn)
+    text = render_conversation(record, processor)
     count = len(tokenizer(text, add_special_tokens=not has_template)["input_ids"])
     if record.image is not None:
         count += processor.image_seq_len + IMAGE_WRAPPER_TOKENS - 1
