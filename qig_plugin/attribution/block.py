@@ -160,11 +160,10 @@ def attribute_block(
                 cache.token_wise[block] = is_token_wise(partial(run, fp_weights), x)
         if cache.token_wise[block]:
             return BlockAttribution(_discrepancy_change(run, fp_weights, q_weights, x, baseline), 0, None)
-        nodes, settled = settings.qig_min_steps, True
-        batches_at_nodes = 0
+        nodes, batches_at_nodes = settings.qig_min_steps, CHECKED_BATCHES  # taken unchecked
     else:
         nodes, batches_at_nodes = cache.node_counts.get(block, (settings.qig_min_steps, 0))
-        settled = batches_at_nodes >= CHECKED_BATCHES
+    settled = batches_at_nodes >= CHECKED_BATCHES
     with torch.enable_grad():
         result = qig_token_scores(
             partial(run, fp_weights),
@@ -212,9 +211,7 @@ def is_token_wise(block_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Ten
 # per token |F(x) - F(x0)|, F = hidden-mean |f(.; W) - f(.; Q(W))|: [batch, seq]
 def _discrepancy_change(run, fp_weights, q_weights, x: torch.Tensor, baseline: torch.Tensor | None) -> torch.Tensor:
     with torch.no_grad():
-        if baseline is None and not any(
-            m.bias is not None for m in fp_weights if isinstance(m, torch.nn.Linear)
-        ):
+        if baseline is None and all(linear.bias is None for linear in fp_weights):
             return discrepancy(run(fp_weights, x), run(q_weights, x))  # F(0) = 0 without biases
         start = torch.zeros_like(x) if baseline is None else baseline.expand_as(x)
         ends = torch.cat([start, x])
