@@ -88,7 +88,6 @@ for _family, (_recipe, _cls, _) in QIG_FAMILIES.items():
 # variants of QIG-GPTQ's own knobs, chosen on the validation split
 VARIANTS = {
     "qig_gptq_exact": ("qig_gptq_{scheme}", {}, {"qig_attribution": "exact"}, ALL_SCHEMES),
-    "qig_gptq_1_node": ("qig_gptq_{scheme}", {}, {"qig_min_steps": 1}, ALL_SCHEMES),
     "qig_gptq_quantized_baseline": ("qig_gptq_{scheme}", {}, {"qig_baseline": "quantized"}, WEIGHT_ACTIVATION),
     "qig_gptq_no_iqr_clip": ("qig_gptq_{scheme}", {}, {"qig_iqr_clip": False}, ALL_SCHEMES),
 }

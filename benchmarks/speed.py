@@ -1,7 +1,7 @@
 """Calibration cost of QIG-GPTQ and QIG-AWQ against stock GPTQ and AWQ on the default model, side by side.
 
     python benchmarks/speed.py [--sizes 16 64 256] [--exact-sizes 16 64] [--awq-sizes 16 64 256] [--repeats 1]
-                               [--one-node] [--flop-sizes 2 4] [--scheme w4a16]
+                               [--flop-sizes 2 4] [--scheme w4a16] [--add]
 
 Every (method, size) runs in its own process on the first ``size`` records of the user-scale calibration set
 (``qig_plugin.data.user_scale.vlm_records("calibration")``, about 256 tokens each: 256 records are 64k+ tokens),
@@ -10,11 +10,12 @@ whole ``oneshot`` wall time; the decoder-layer time (from the moment text layer 
 the unquantized vision tower, which runs in the first subgraph with layer 0, cannot hide QIG's cost); the time
 inside QIG's attribution; and the process's peak resident memory. QIG runs with the recipes' default attribution
 (``qig_attribution: fast``); ``--exact-sizes`` adds ``qig_attribution: exact`` (the paper's integrated gradients
-on every block) and ``--one-node`` adds fast attribution with one node on attention at the largest size. Seconds
+on every block). Seconds
 per extra calibration token come from the slope between the smallest and largest size. ``--flop-sizes`` counts, in
 separate untimed runs, the FLOPs of stock GPTQ's whole ``oneshot`` and of QIG-GPTQ's attribution (PyTorch's
 FlopCounterMode: matmuls and attention) and from two sizes their cost per extra calibration token.
-Writes ``benchmarks/results/speed.json`` and ``speed.png`` and prints tables.
+Writes ``benchmarks/results/speed.json`` and ``speed.png`` and prints tables; with ``--add`` the runs already in
+``speed.json`` stay, except those of the (method, size) pairs this run measures again (the FLOP counts likewise).
 """
 
 import argparse
@@ -212,17 +213,17 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[16, 64, 256],
+    parser.add_argument("--sizes", type=int, nargs="*", default=[16, 64, 256],
                         help="calibration samples (about 256 tokens each) of GPTQ and QIG-GPTQ")
     parser.add_argument("--exact-sizes", type=int, nargs="*", default=[16, 64],
                         help="sizes at which QIG-GPTQ also runs with qig_attribution: exact")
     parser.add_argument("--awq-sizes", type=int, nargs="*", default=[16, 64, 256], help="AWQ calibration samples")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each (method, size), interleaved")
-    parser.add_argument("--one-node", action="store_true",
-                        help="also time QIG-GPTQ at the largest size with 1 node on attention (qig_min_steps: 1)")
     parser.add_argument("--flop-sizes", type=int, nargs="*", default=[2, 4],
                         help="count GPTQ and QIG-GPTQ FLOPs at these sizes (untimed runs, about 6x slower)")
     parser.add_argument("--scheme", default="w4a16", help="recipe suffix: w4a16, w4a8, w8a8, w3a16")
+    parser.add_argument("--add", action="store_true",
+                        help="keep the runs already in speed.json that this run does not measure again")
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "SIZE"), help=argparse.SUPPRESS)
     parser.add_argument("--count-flops", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -235,11 +236,17 @@ def main() -> None:
     plan = [(size, method) for size in args.sizes for method in ("gptq", "qig_gptq")]
     plan += [(size, EXACT["qig_gptq"]) for size in args.exact_sizes]
     plan += [(size, method) for size in args.awq_sizes for method in ("awq", "qig_awq")]
-    plan += [(max(args.sizes), "qig_gptq@qig_min_steps=1")] if args.one_node else []
     counts = [run_one(method, size, args.scheme, count_flops=True)
               for size in args.flop_sizes for method in ("gptq", "qig_gptq")]
     runs = [{**run_one(method, size, args.scheme), "repeat": repeat}
             for repeat in range(args.repeats) for size, method in plan]
+    if args.add:
+        earlier = json.loads((RESULTS / "speed.json").read_text())
+        if earlier["scheme"] != args.scheme:
+            parser.error(f"--add: speed.json holds scheme {earlier['scheme']}, not {args.scheme}; run without --add")
+        measured = {(method, size) for size, method in plan}
+        runs = [r for r in earlier["runs"] if (r["method"], r["samples"]) not in measured] + runs
+        counts = counts or earlier["flop_counts"] or []
     rows = medians(runs)
     qig_over_stock = ratios(rows)
     slopes = time_slopes(rows)

@@ -24,9 +24,10 @@ class QIGSettings(BaseModel):
         gets each token's discrepancy ``|F(x_t) - F(x0_t)|``, ``F = mean_h |f(x; W) - f(x; Q(W))|``,
         which completeness makes the sum of that token's integrated gradients: two forwards instead of
         forwards and backwards at every node. Attention, where tokens interact, keeps integrated
-        gradients with ``qig_min_steps`` nodes and no completeness check.
+        gradients, by the path's midpoint (one Gauss-Legendre node) and no completeness check. The
+        node settings below apply to ``exact``.
     :param qig_steps: the most quadrature nodes of the path integral for attention/MLP
-        blocks. 6 Gauss-Legendre nodes keep completeness within 0.1% and the token
+        blocks (``exact``). 6 Gauss-Legendre nodes keep completeness within 0.1% and the token
         ranking at Spearman >= 0.9996 of a 256-node reference on the default model's
         blocks (benchmarks/attribution_fidelity.py); the reference release's 32 uniform
         points are off by up to 3.8%. Single-linear blocks with a zero baseline take

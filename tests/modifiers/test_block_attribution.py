@@ -157,17 +157,23 @@ def test_fast_scores_of_a_token_wise_block_are_each_tokens_summed_integrated_gra
     assert torch.allclose(fast.scores, summed.abs(), rtol=1e-3, atol=1e-6)
 
 
-def test_fast_attention_is_the_path_integral_with_min_steps_nodes_unchecked(biased_llama):
+def test_fast_attention_is_the_path_integral_at_its_midpoint_unchecked(biased_llama):
     blocks, calls = biased_llama
     block, input_linears = blocks["attention"]
     weight_args = {m: W4_GROUP32 for m in block.modules() if isinstance(m, torch.nn.Linear)}
     args, kwargs = calls["attention"]
-    settings = QIGSettings(qig_attribution="fast", qig_min_steps=2)
-    fast = attribute_block(block, args, kwargs, weight_args, settings, input_linears=input_linears)
-    exact_two = attribute_block(block, args, kwargs, weight_args, QIGSettings(qig_min_steps=2, qig_steps=2),
-                                input_linears=input_linears)
-    assert fast.nodes == 2 and fast.completeness_error is None
-    assert torch.allclose(fast.scores, exact_two.scores, rtol=1e-5, atol=1e-8)
+
+    def attribute(settings):
+        return attribute_block(block, args, kwargs, weight_args, settings, input_linears=input_linears)
+
+    fast = attribute(FAST)
+    one_node = attribute(QIGSettings(qig_attribution="exact", qig_min_steps=1, qig_steps=1))
+    assert fast.nodes == 1 and fast.completeness_error is None
+    assert torch.allclose(fast.scores, one_node.scores, rtol=1e-5, atol=1e-8)
+    # the node settings are exact's: fast ignores them
+    other_nodes = attribute(QIGSettings(qig_attribution="fast", qig_rule="uniform", qig_min_steps=3))
+    assert torch.equal(other_nodes.scores, fast.scores)
+    assert not torch.allclose(attribute(QIGSettings(qig_attribution="exact")).scores, fast.scores, rtol=1e-3)
 
 
 def test_fast_single_linear_scores_are_its_output_error(biased_llama):

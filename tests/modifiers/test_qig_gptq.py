@@ -138,7 +138,7 @@ def test_recipe_without_plugin_import_says_import_qig_plugin():
     assert "import qig_plugin" in result.stderr
 
 
-def test_fast_attribution_integrates_attention_alone_with_min_steps_nodes(tiny_llama_dir, tmp_path, monkeypatch):
+def test_fast_attribution_integrates_attention_alone_at_its_midpoint(tiny_llama_dir, tmp_path, monkeypatch):
     integrals = []  # (block, min_steps, steps) of every path integral taken
     real_token_scores = attribution_block.qig_token_scores
     real_attribute = attribution_block.attribute_block
@@ -158,7 +158,7 @@ def test_fast_attribution_integrates_attention_alone_with_min_steps_nodes(tiny_l
     assert len(integrals) == 6 * 2 * 4
     taken = [c for c in integrals if len(c) > 1]
     assert {c[0] for c in taken} == {"LlamaAttention"}  # MLPs and single linears: forward only
-    assert len(taken) == 6 * 2 and all(c[1:] == [None, 2] for c in taken)  # qig_min_steps nodes, unchecked
+    assert len(taken) == 6 * 2 and all(c[1:] == [None, 1] for c in taken)  # one node, unchecked
 
 
 def test_each_block_starts_from_its_last_node_count_and_keeps_a_settled_one_unchecked(
