@@ -21,10 +21,16 @@ LLMCOMPRESSOR = "llmcompressor"
 
 def register_modifiers() -> None:
     """Register every QIG modifier under its class name (the name ``recipe.yaml`` records)."""
-    from qig_plugin.modifiers import MBQModifier, QIGAWQModifier, QIGGPTQModifier, QIGSmoothQuantModifier
+    from qig_plugin.modifiers import (
+        MBQModifier,
+        QIGAutoRoundModifier,
+        QIGAWQModifier,
+        QIGGPTQModifier,
+        QIGSmoothQuantModifier,
+    )
     from qig_plugin.upstream import register_modifier
 
-    for modifier_class in (QIGGPTQModifier, QIGAWQModifier, QIGSmoothQuantModifier, MBQModifier):
+    for modifier_class in (QIGGPTQModifier, QIGAWQModifier, QIGSmoothQuantModifier, MBQModifier, QIGAutoRoundModifier):
         register_modifier(modifier_class)
 
 

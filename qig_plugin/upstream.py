@@ -2,7 +2,7 @@
 
 The plugin rests on private parts of llm-compressor 0.14 (the modifier factory's tables, AWQ's
 grid search and caches, SmoothQuant's smoothing, the hooks' global switch, the experts' token
-order). Nothing else in the package names them: the modifiers subclass the seam classes here and
+order) and of auto-round 0.15 (the block loss of its sign-gradient tuning). Nothing else in the package names them: the modifiers subclass the seam classes here and
 override their public, documented methods. Importing this module checks the installed versions
 and fails with one line naming the supported ones; ``tests/test_upstream.py`` fails by name when
 an internal changes shape.
@@ -45,6 +45,7 @@ import torch.distributed as dist
 from compressed_tensors.offload import update_offload_parameter
 from compressed_tensors.offload.dist_utils import is_distributed
 from llmcompressor.modeling.moe.linear_experts import LinearExperts2D
+from llmcompressor.modifiers.autoround import AutoRoundModifier
 from llmcompressor.modifiers.factory import ModifierFactory
 from llmcompressor.modifiers.gptq import GPTQModifier
 from llmcompressor.modifiers.transform.awq import AWQModifier
@@ -59,12 +60,15 @@ from llmcompressor.modifiers.transform.smoothquant.dynamic_mappings import (
     get_layer_mappings_from_model as smoothquant_mappings_of,
 )
 from llmcompressor.modifiers.utils.hooks import HooksMixin
+from llmcompressor.core import active_session
 from llmcompressor.pipelines.cache import IntermediatesCache
+from llmcompressor.pipelines.sequential.pipeline import SequentialPipeline
 from loguru import logger
 
 __all__ = [
     "AWQMapping",
     "AWQSearchSeam",
+    "AutoRoundSeam",
     "GPTQSeam",
     "LinearExperts2D",
     "ResolvedMapping",
@@ -267,6 +271,100 @@ class SmoothQuantSeam(SmoothQuantModifier):
             for module, name, value in updates:
                 update_offload_parameter(module, name, value)
             dist.barrier()  # and every rank has written before any reads again
+
+
+# -- AutoRound ----------------------------------------------------------------------------------------------------
+
+# auto-round's series whose block loss (SignRoundQuantizer._get_loss) the seam wraps
+AUTO_ROUND_SERIES = "0.15"
+
+
+def _sign_round_quantizer() -> type:
+    """auto-round's ``SignRoundQuantizer``, after checking the installed auto-round is the supported series."""
+    try:
+        found = version("auto-round")
+    except PackageNotFoundError:
+        found = "not installed"
+    if found != AUTO_ROUND_SERIES and not found.startswith(f"{AUTO_ROUND_SERIES}."):
+        raise ImportError(
+            f"qig-plugin {__version__} weights AutoRound's block loss in auto-round {AUTO_ROUND_SERIES}.x; found "
+            f"{found}. Install it with `pip install 'auto-round=={AUTO_ROUND_SERIES}.1'` (llmcompressor 0.14 accepts it)"
+        )
+    from auto_round.algorithms.quantization.sign_round.quantizer import SignRoundQuantizer
+
+    return SignRoundQuantizer
+
+
+@contextmanager
+def weighted_block_loss(sample_weights: torch.Tensor) -> Iterator[None]:
+    """Inside the context, AutoRound's block loss weights each token's squared error by ``sample_weights``.
+
+    :param sample_weights: ``[samples, seq]``, one row per cached calibration sample in AutoRound's sample
+        order (the sequence padded as the block inputs are); the loss of a batch of samples ``indices`` is
+        stock's mean squared error of ``sqrt(w) * output`` against ``sqrt(w) * reference``, so weights of 1
+        give stock AutoRound bit for bit
+    """
+    quantizer = _sign_round_quantizer()
+    stock_loss = quantizer._get_loss
+
+    def token_weighted_loss(self, pred_output, ref_output, indices, *args, **kwargs):
+        scale = sample_weights[torch.as_tensor(indices)].sqrt().unsqueeze(-1).to(pred_output.device)
+        return stock_loss(self, pred_output * scale.to(pred_output.dtype), ref_output * scale.to(ref_output.dtype),
+                          indices, *args, **kwargs)
+
+    quantizer._get_loss = token_weighted_loss
+    try:
+        yield
+    finally:
+        quantizer._get_loss = stock_loss
+
+
+_STOCK_SEQUENTIAL_PIPELINE = SequentialPipeline.__dict__["__call__"].__func__
+
+
+def _sequential_pipeline(model, dataloader, dataset_args):
+    """llm-compressor's sequential pipeline, with error propagation off for every ``AutoRoundModifier``.
+
+    llm-compressor 0.14 turns ``propagate_error`` off when a recipe modifier's class is *named*
+    ``AutoRoundModifier`` (AutoRound tunes each layer on its own forwards from the unquantized layer
+    outputs); a subclass such as ``QIGAutoRoundModifier`` has another name, so the pipeline would run
+    every tuned layer again (in AutoRound's bfloat16) on float32 activations. Here the check is ``isinstance``.
+    """
+    if any(isinstance(m, AutoRoundModifier) for m in active_session().lifecycle.recipe.modifiers):
+        dataset_args.propagate_error = False
+    return _STOCK_SEQUENTIAL_PIPELINE(model, dataloader, dataset_args)
+
+
+SequentialPipeline.__call__ = staticmethod(_sequential_pipeline)
+
+
+class AutoRoundSeam(AutoRoundModifier):
+    """``AutoRoundModifier`` whose block reconstruction loss a subclass can weight per token.
+
+    Subclasses override :meth:`tuning_token_weights`: called with each decoder layer right before AutoRound
+    tunes it, it returns one ``[batch, seq]`` weight tensor per calibration call of that layer (or None for
+    stock's unweighted loss); the seam pads them as stock pads the layer's inputs (weight 0 on padding) and
+    weights AutoRound's loss with them (:func:`weighted_block_loss`). The modifier's own hooks are off while
+    AutoRound tunes the layer (its forwards are not calibration batches).
+    """
+
+    def tuning_token_weights(self, decoding_layer: torch.nn.Module) -> list[torch.Tensor] | None:
+        """Per calibration call of ``decoding_layer``, in pipeline order, its tokens' weights ``[batch, seq]``."""
+        return None
+
+    def is_decoding_layer(self, module: torch.nn.Module) -> bool:
+        """Whether AutoRound tunes ``module`` as one block (a decoder layer of the sequential targets)."""
+        return self._is_decoding_layer(module)
+
+    def apply_autoround(self, state, modules):
+        layers = [m for m in modules or [] if self.is_decoding_layer(m)]
+        weights = self.tuning_token_weights(layers[0]) if len(layers) == 1 else None
+        if weights is None:
+            return super().apply_autoround(state, modules)
+        longest = max(w.shape[1] for w in weights)
+        padded = torch.cat([torch.nn.functional.pad(w.float().cpu(), (0, longest - w.shape[1])) for w in weights])
+        with weighted_block_loss(padded), hooks_disabled():
+            return super().apply_autoround(state, modules)
 
 
 # -- MoE experts --------------------------------------------------------------------------------------------------

@@ -16,10 +16,11 @@ from tests.tiny_models import tiny_idefics3
 
 RECIPES = shipped_recipes()
 # plugin recipe prefix -> what its stock twin's name starts with instead
-TWIN_PREFIXES = {"qig_gptq_": "gptq_", "qig_awq_": "awq_", "qig_sq_gptq_": "sq_gptq_", "mbq_awq_": "awq_"}
+TWIN_PREFIXES = {"qig_gptq_": "gptq_", "qig_awq_": "awq_", "qig_sq_gptq_": "sq_gptq_", "mbq_awq_": "awq_",
+                 "qig_autoround_": "autoround_"}
 REQUIRED = {
     "qig_gptq_w4a16", "qig_gptq_w4a8", "qig_awq_w3a16", "qig_awq_w4a16",
-    "qig_sq_gptq_w4a8", "qig_sq_gptq_w8a8", "mbq_awq_w3a16",
+    "qig_sq_gptq_w4a8", "qig_sq_gptq_w8a8", "mbq_awq_w3a16", "qig_autoround_w3a16", "qig_autoround_w4a16",
 }
 
 

@@ -98,6 +98,28 @@ def test_experts_token_order():
         assert all(torch.equal(a, b) for a, b in zip(upstream.expert_token_rows(top_k_index, expert), expected))
 
 
+def test_autoround_block_loss_and_pipeline_seams():
+    assert upstream.AUTO_ROUND_SERIES == "0.15"
+    quantizer = upstream._sign_round_quantizer()
+    assert _parameters(quantizer._get_loss)[:6] == [
+        "self", "pred_output", "ref_output", "indices", "loss_func", "device"]
+    # the tuning loop calls it once per batch of sample indices
+    assert "self._get_loss(pred_output, ref_output, indices, mse_loss, device" in inspect.getsource(
+        quantizer.quantize_block)
+    assert _parameters(upstream.AutoRoundModifier.apply_autoround) == ["self", "state", "modules"]
+    assert _parameters(upstream.AutoRoundModifier._is_decoding_layer) == ["self", "module"]
+    # llm-compressor turns error propagation off by class name; the wrapped pipeline does it by isinstance
+    stock = inspect.getsource(upstream._STOCK_SEQUENTIAL_PIPELINE)
+    assert 'type(m).__name__ == "AutoRoundModifier"' in stock and "if dataset_args.propagate_error:" in stock
+    assert upstream.SequentialPipeline.__call__ is upstream._sequential_pipeline
+
+
+def test_an_auto_round_of_another_series_is_refused_with_the_supported_one(monkeypatch):
+    monkeypatch.setattr(upstream, "version", lambda name: "0.14.2")
+    with pytest.raises(ImportError, match=r"auto-round 0\.15\.x; found 0\.14\.2"):
+        upstream._sign_round_quantizer()
+
+
 def test_no_other_module_touches_these_internals():
     import re
     from pathlib import Path
@@ -107,7 +129,7 @@ def test_no_other_module_touches_these_internals():
     private_names = ("_errors", "_registered_registry", "_main_registry", "_HOOKS_DISABLED", "_module_names",
                      "_parent_args_cache", "_smooth_activation_stats", "_resolved_mappings", "_compute_best_scale",
                      "_compute_loss", "_apply_smoothing", "_reduce_activation_scales", "_calculate_smoothing_scales",
-                     "_infer_mappings_from_model", "pin_memory")
+                     "_infer_mappings_from_model", "pin_memory", "_is_decoding_layer", "_get_loss", "propagate_error")
     package = Path(qig_plugin.__file__).parent
     offenders = [
         f"{path.relative_to(package)}: {name}"

@@ -1,8 +1,9 @@
-"""QIG-SmoothQuant + GPTQ checkpoints (W8A8 and W4A8, from the shipped recipes) served by vLLM on the CPU.
+"""Checkpoints of shipped QIG recipes that change more than GPTQ's Hessian, served by vLLM on the CPU.
 
-A tiny Llama is quantized here with ``qig_plugin/recipes/qig_sq_gptq_{w8a8,w4a8}.yaml`` and both checkpoints are generated
-from by one subprocess in the serve venv: smoothing rescales norms and linears in place, so this checks that the
-result is still a checkpoint vLLM loads with its int8 / int4 kernels and generates from.
+A tiny Llama is quantized here with each recipe of ``RECIPES`` its CPU serves, and every checkpoint is generated from
+by one subprocess in the serve venv: QIG-SmoothQuant + GPTQ (W8A8, W4A8) rescales norms and linears in place, and
+QIG-AutoRound (W4A16) writes AutoRound's tuned rounding and scales back into llm-compressor's parameters, so this
+checks that each result is still a checkpoint vLLM loads with its own kernel and generates from.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from tests.test_serving import PROMPT, SENTENCES, _build_tiny_llama, check_serve
 
 pytestmark = pytest.mark.serve
 
-RECIPES = {"W8A8": "qig_sq_gptq_w8a8.yaml", "W4A8": "qig_sq_gptq_w4a8.yaml"}
+# shipped recipe -> its scheme
+RECIPES = {"qig_sq_gptq_w8a8": "W8A8", "qig_sq_gptq_w4a8": "W4A8", "qig_autoround_w4a16": "W4A16"}
 MAX_TOKENS = 6
 
 
@@ -51,12 +53,12 @@ def _quantize(base_dir: Path, recipe: Path, output_dir: Path) -> None:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory) -> dict[str, dict]:
     pytest.importorskip("llmcompressor")
-    root = tmp_path_factory.mktemp("qig_sq")
+    root = tmp_path_factory.mktemp("recipes")
     _build_tiny_llama(root / "bf16")
     support = cpu_serving_support()
-    checkpoints = {s: root / s for s in RECIPES if support[s] is None}
-    for scheme, checkpoint in checkpoints.items():
-        _quantize(root / "bf16", shipped_recipe(RECIPES[scheme]), checkpoint)
+    checkpoints = {name: root / name for name, scheme in RECIPES.items() if support[scheme] is None}
+    for name, checkpoint in checkpoints.items():
+        _quantize(root / "bf16", shipped_recipe(name), checkpoint)
     results_file = root / "results.json"
     completed = run_in_serve_env(
         ["generate", *map(str, checkpoints.values()), "--prompt", PROMPT, "--max-tokens", str(MAX_TOKENS),
@@ -66,9 +68,9 @@ def served(tmp_path_factory) -> dict[str, dict]:
     if not results_file.exists():
         pytest.fail(f"serving subprocess wrote no results (rc={completed.returncode}):\n{completed.stderr[-3000:]}")
     results = {Path(r["checkpoint"]).name: r for r in json.loads(results_file.read_text())}
-    return {scheme: results[scheme] for scheme in checkpoints}
+    return {RECIPES[name]: results[name] for name in checkpoints}
 
 
-@pytest.mark.parametrize("scheme", list(RECIPES))
-def test_vllm_generates_from_qig_smoothquant_checkpoint(served, scheme):
-    check_served(served, scheme, MAX_TOKENS)
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_vllm_generates_from_the_recipes_checkpoint(served, recipe):
+    check_served(served, RECIPES[recipe], MAX_TOKENS)
