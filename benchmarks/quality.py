@@ -75,12 +75,15 @@ METHODS = {
     "sq_gptq": ("sq_gptq_{scheme}", {}, {}, WEIGHT_ACTIVATION),
     "qig_sq_gptq": ("qig_sq_gptq_{scheme}", {}, {}, WEIGHT_ACTIVATION),
     "qig_sq_qig_gptq": ("qig_sq_gptq_{scheme}", {"GPTQModifier": "QIGGPTQModifier"}, {}, WEIGHT_ACTIVATION),
+    "autoround": ("autoround_{scheme}", {}, {}, ("w3a16", "w4a16")),
+    "qig_autoround": ("qig_autoround_{scheme}", {}, {}, ("w3a16", "w4a16")),
 }
 # controls in every QIG family: the same weighting path with cheaper token scores (see control_modifiers)
 CONTROL_KINDS = ("norm", "first_token_zero", "discrepancy")
 QIG_FAMILIES = {"qig_gptq": ("qig_gptq_{scheme}", "QIGGPTQModifier", "gptq"),
                 "qig_awq": ("qig_awq_{scheme}", "QIGAWQModifier", "awq"),
-                "qig_sq_gptq": ("qig_sq_gptq_{scheme}", "QIGSmoothQuantModifier", "sq_gptq")}
+                "qig_sq_gptq": ("qig_sq_gptq_{scheme}", "QIGSmoothQuantModifier", "sq_gptq"),
+                "qig_autoround": ("qig_autoround_{scheme}", "QIGAutoRoundModifier", "autoround")}
 for _family, (_recipe, _cls, _) in QIG_FAMILIES.items():
     for _kind in CONTROL_KINDS:
         METHODS[f"{_kind}_{_family.removeprefix('qig_')}"] = (
@@ -92,13 +95,14 @@ VARIANTS = {
     "qig_gptq_no_iqr_clip": ("qig_gptq_{scheme}", {}, {"qig_iqr_clip": False}, ALL_SCHEMES),
 }
 METHODS.update(VARIANTS)
-STOCK = ("rtn", "gptq", "awq", "sq_gptq")
-QIG = ("qig_gptq", "qig_awq", "qig_sq_gptq", "qig_sq_qig_gptq")
+STOCK = ("rtn", "gptq", "awq", "sq_gptq", "autoround")
+QIG = ("qig_gptq", "qig_awq", "qig_sq_gptq", "qig_sq_qig_gptq", "qig_autoround")
 CONTROLS = tuple(m for m in METHODS if m.split("_")[0] in ("norm", "first", "discrepancy")) + ("mbq_awq",)
 MAIN_METHODS = STOCK + QIG + CONTROLS
 # each non-stock method's stock counterpart
 STOCK_TWIN = {**{m: "gptq" for m in METHODS if m.endswith("_gptq") and m not in STOCK},
               **{m: "awq" for m in METHODS if m.endswith("_awq") and m not in STOCK},
+              **{m: "autoround" for m in METHODS if m.endswith("_autoround") and m not in STOCK},
               **{m: "sq_gptq" for m in METHODS if m.endswith("_sq_gptq") or m == "qig_sq_qig_gptq"},
               **dict.fromkeys(VARIANTS, "gptq")}
 IMAGE_ONLY = ("mbq_awq",)  # MBQ weights tokens by modality: the text model has no image tokens
@@ -148,7 +152,7 @@ def control_modifiers(classes: dict[str, type]) -> dict[str, type]:
 
     scores = {"norm": norm_scores, "first_token_zero": first_token_zero_scores, "discrepancy": discrepancy_scores}
     controls = {}
-    for name in ("QIGGPTQModifier", "QIGAWQModifier", "QIGSmoothQuantModifier"):
+    for name in ("QIGGPTQModifier", "QIGAWQModifier", "QIGSmoothQuantModifier", "QIGAutoRoundModifier"):
         for kind in CONTROL_KINDS:
             fields = {"qig_iqr_clip": (bool, False)} if kind == "first_token_zero" else {}
             control = type(f"{kind.title().replace('_', '')}{name}", (classes[name],),
@@ -160,6 +164,7 @@ def control_modifiers(classes: dict[str, type]) -> dict[str, type]:
 
 def build_modifiers(method: str, scheme: str) -> list:
     """The method's modifiers for ``scheme``: the shipped recipe, with class swaps and field overrides."""
+    from llmcompressor.modifiers.autoround import AutoRoundModifier
     from llmcompressor.modifiers.gptq import GPTQModifier
     from llmcompressor.modifiers.quantization import QuantizationModifier
     from llmcompressor.modifiers.transform.awq import AWQModifier
@@ -167,13 +172,15 @@ def build_modifiers(method: str, scheme: str) -> list:
 
     from qig_plugin.modifiers import (
         MBQModifier,
+        QIGAutoRoundModifier,
         QIGAWQModifier,
         QIGGPTQModifier,
         QIGSmoothQuantModifier,
     )
 
     classes = {cls.__name__: cls for cls in (GPTQModifier, QuantizationModifier, AWQModifier, SmoothQuantModifier,
-                                             MBQModifier, QIGAWQModifier, QIGGPTQModifier, QIGSmoothQuantModifier)}
+                                             AutoRoundModifier, MBQModifier, QIGAutoRoundModifier, QIGAWQModifier,
+                                             QIGGPTQModifier, QIGSmoothQuantModifier)}
     classes.update(control_modifiers(classes))
     recipe, swaps, overrides, _ = METHODS[method]
     stages = yaml.safe_load((RECIPES / f"{recipe.format(scheme=scheme)}.yaml").read_text())
