@@ -1,0 +1,84 @@
+"""Layer-wise mixed precision: the allocation under a budget, the units, and the recipe through the real ``oneshot``."""
+
+import json
+import math
+import random
+
+import pytest
+import torch
+import yaml
+
+import qig_plugin  # noqa: F401  (registers the modifiers)
+from qig_plugin.mixed_precision import QuantUnit, allocate_widths, average_bits, plan_mixed_precision, quant_units
+from tests.modifiers.tiny_llama import calibrate_tiny_llama, load_tiny_llama, random_token_dataset
+
+WIDTHS = (2, 3, 4, 8)
+
+
+def random_units_and_costs(count: int, seed: int):
+    rng = random.Random(seed)
+    units = [QuantUnit(f"unit{i}", (f"unit{i}.linear",), rng.choice([4096, 8192, 16384])) for i in range(count)]
+    # convex, decreasing in the width, as quantization error is
+    costs = {u.name: {bits: rng.uniform(0.5, 2.0) * 4.0 ** -bits for bits in WIDTHS} for u in units}
+    return units, costs
+
+
+@pytest.mark.parametrize("budget", [2.0, 2.5, 3.0, 3.5, 4.0, 6.0, 8.0])
+def test_the_budget_is_met_exactly_or_below(budget):
+    units, costs = random_units_and_costs(40, seed=int(budget * 10))
+    widths = allocate_widths(units, costs, budget)
+    assert set(widths) == {u.name for u in units} and set(widths.values()) <= set(WIDTHS)
+    assert average_bits(units, widths) <= budget + 1e-12
+    # it narrows only while over the budget: undoing its last step (some unit one width wider) would not fit
+    largest_step = max(u.weights for u in units) * 4 / sum(u.weights for u in units)
+    assert average_bits(units, widths) > budget - largest_step or budget == 8
+
+
+def test_the_least_sensitive_units_get_fewer_bits():
+    units = [QuantUnit(name, (name,), 1000) for name in ("robust", "fragile")]
+    costs = {"robust": {bits: 4.0 ** -bits for bits in WIDTHS}, "fragile": {bits: 100 * 4.0 ** -bits for bits in WIDTHS}}
+    assert allocate_widths(units, costs, 3.0) == {"robust": 2, "fragile": 4}
+
+
+@pytest.mark.parametrize("budget", [1.5, math.nan])
+def test_a_budget_below_the_narrowest_width_is_refused_with_the_fix(budget):
+    units, costs = random_units_and_costs(3, seed=0)
+    with pytest.raises(ValueError, match=r"below the narrowest candidate width \(2 bits\); ask for at least 2"):
+        allocate_widths(units, costs, budget)
+
+
+def test_units_keep_fused_linears_together(tiny_llama_dir):
+    units, _ = quant_units(load_tiny_llama(tiny_llama_dir))
+    assert [u.name for u in units[:4]] == [
+        "model.layers.0.self_attn.{q_proj,k_proj,v_proj}", "model.layers.0.self_attn.o_proj",
+        "model.layers.0.mlp.{gate_proj,up_proj}", "model.layers.0.mlp.down_proj"]
+    assert len(units) == 8 and sum(u.weights for u in units) == 2 * (128 * 128 * 2 + 64 * 128 * 2 + 3 * 128 * 256)
+
+
+def rows(samples: int):
+    dataset = random_token_dataset(samples=samples)
+    return [{key: torch.tensor([row[key]]) for key in ("input_ids", "attention_mask")} for row in dataset]
+
+
+@pytest.mark.parametrize("sensitivity", ["qig", "entropy"])
+def test_a_plan_becomes_a_recipe_gptq_runs_with_fused_widths_shared(sensitivity, tiny_llama_dir, tmp_path):
+    model = load_tiny_llama(tiny_llama_dir)
+    plan = plan_mixed_precision(model, rows(3), budget_bits=3.5, sensitivity=sensitivity)
+    assert plan.average_bits <= 3.5 and len(set(plan.widths.values())) > 1  # a real mix
+    assert all(set(costs.values()) != {0.0} for costs in plan.costs.values())
+    assert all(costs[2] > costs[8] for costs in plan.costs.values())  # fewer bits hurt more
+
+    recipe = plan.recipe("GPTQModifier")
+    assert "share a width" in recipe and yaml.safe_load(recipe)
+    quantized = calibrate_tiny_llama(tiny_llama_dir, recipe, samples=2)
+    quantized.save_pretrained(tmp_path / "out", save_compressed=True)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    width_of = {name: group["weights"]["num_bits"] for group in config["config_groups"].values()
+                for name in group["targets"]}
+    for unit in plan.units:
+        assert {width_of[name] for name in unit.linears} == {plan.widths[unit.name]}
+
+
+def test_uniform_takes_the_widest_width_within_the_budget(tiny_llama_dir):
+    plan = plan_mixed_precision(load_tiny_llama(tiny_llama_dir), rows(1), budget_bits=3.5, sensitivity="uniform")
+    assert set(plan.widths.values()) == {3} and plan.costs is None
