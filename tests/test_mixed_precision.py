@@ -82,3 +82,15 @@ def test_a_plan_becomes_a_recipe_gptq_runs_with_fused_widths_shared(sensitivity,
 def test_uniform_takes_the_widest_width_within_the_budget(tiny_llama_dir):
     plan = plan_mixed_precision(load_tiny_llama(tiny_llama_dir), rows(1), budget_bits=3.5, sensitivity="uniform")
     assert set(plan.widths.values()) == {3} and plan.costs is None
+
+
+def test_sixteen_bits_keeps_a_unit_unquantized_and_out_of_the_recipe(tiny_llama_dir):
+    plan = plan_mixed_precision(load_tiny_llama(tiny_llama_dir), rows(2), budget_bits=10.0, widths=(4, 16))
+    kept = [unit for unit in plan.units if plan.widths[unit.name] == 16]
+    assert kept and plan.average_bits <= 10.0 and all(plan.costs[unit.name][16] == 0.0 for unit in plan.units)
+    (group,) = yaml.safe_load(plan.recipe())["quant_stage"]["quant_modifiers"]["QIGGPTQModifier"]["config_groups"].values()
+    assert group["weights"]["num_bits"] == 4
+    assert not {name for unit in kept for name in unit.linears} & set(group["targets"])
+    everything_kept = plan_mixed_precision(load_tiny_llama(tiny_llama_dir), rows(1), 16.0, (4, 16), "uniform")
+    with pytest.raises(ValueError, match="nothing to quantize; lower the budget"):
+        everything_kept.recipe()

