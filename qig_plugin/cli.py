@@ -26,6 +26,7 @@ EXIT_BAD_INPUT = 2
 
 SCHEMES = ("W4A16", "W3A16", "W4A8", "W8A8")
 METHODS = {"qig-gptq": "qig_gptq", "gptq": "gptq"}
+QUANTIZING_MODIFIERS = {"qig-gptq": "QIGGPTQModifier", "gptq": "GPTQModifier"}
 DEFAULT_SAMPLES = 16
 LOAD_DTYPE_BYTES = 4  # models are loaded, calibrated and saved in float32
 QUANTIZE_LOG = "qig-quantize.log"  # llm-compressor's log lines of the run, in the checkpoint folder
@@ -80,6 +81,19 @@ for perplexity, cut into 256-token passages), .json/.jsonl records as for `qig q
 datasets folder; without it: the shipped held-out records and 16 documentation passages no shipped
 record uses. Writes the table to the console, the numbers to --output (.json) and a plot beside it (.png).
 Both models are held in memory, in float32.
+"""
+
+PLAN_BITS_EXAMPLES = """examples:
+  qig plan-bits MODEL --bits 3.5 --output mixed.yaml                 # QIG sensitivity, widths 2 3 4 8
+  qig plan-bits MODEL --bits 3 --sensitivity entropy --output luq.yaml   # LUQ's activation-entropy criterion
+  qig plan-bits MODEL --bits 8 --widths 4 16 --output cpu.yaml       # int4 or unquantized: a CPU's vLLM serves it
+  qig quantize MODEL --recipe mixed.yaml --allow-unservable --output out/mixed
+
+Splits the language model's linears into units that share a width (q/k/v and gate/up, which vLLM fuses;
+o_proj and down_proj alone), measures each unit's sensitivity at every width on the calibration samples
+(--data as for `qig quantize`), and gives the least sensitive units the fewest bits until the average
+weight bits per weight is at most --bits (scales not counted). Width 16 keeps a unit unquantized. Writes a
+recipe (one config group per width) for `qig quantize --recipe` or llm-compressor's oneshot.
 """
 
 GENERATE_EXAMPLES = """examples:
@@ -185,12 +199,9 @@ def check_quantize_inputs(args: argparse.Namespace) -> QuantizeInputs:
         check_checkpoint_output,
         check_free_space,
         check_group_divisibility,
-        check_records_fit_model,
         check_servable,
-        check_tokenized_fits_model,
         checkpoint_size,
         is_vision_language,
-        load_calibration_source,
         load_recipe_modifiers,
         recipe_quantized_weights,
         recipe_scheme,
@@ -212,6 +223,15 @@ def check_quantize_inputs(args: argparse.Namespace) -> QuantizeInputs:
     check_group_divisibility(shapes, weights, f"recipe {recipe.name}")
     check_free_space(args.output, checkpoint_size(shapes, weights, LOAD_DTYPE_BYTES), scheme)
 
+    calibration, data_name = _calibration_source(args, vision_language)
+    return QuantizeInputs(model, config, recipe, scheme, calibration, data_name)
+
+
+def _calibration_source(args: argparse.Namespace, vision_language: bool) -> tuple[list[CalibrationRecord] | Dataset, str]:
+    """The calibration records or tokenized rows of ``--data`` (default: the shipped set), checked against the
+    model's kind, and their name for messages."""
+    from qig_plugin.validation import check_records_fit_model, check_tokenized_fits_model, load_calibration_source
+
     data_name = str(args.data) if args.data is not None else "the shipped set"
     if args.data is not None:
         calibration = load_calibration_source(args.data)
@@ -223,25 +243,25 @@ def check_quantize_inputs(args: argparse.Namespace) -> QuantizeInputs:
         check_records_fit_model(calibration, data_name, vision_language=vision_language)
     else:
         check_tokenized_fits_model(calibration, data_name, vision_language=vision_language)
-    return QuantizeInputs(model, config, recipe, scheme, calibration, data_name)
+    return calibration, data_name
 
 
-def _calibration_dataset(inputs: QuantizeInputs, processor, args: argparse.Namespace) -> Dataset:
+def _calibration_dataset(source: list[CalibrationRecord] | Dataset, data_name: str, processor,
+                         args: argparse.Namespace) -> Dataset:
     """The first ``--samples`` calibration samples, tokenized (records up to ``--max-length`` tokens) and checked."""
     from qig_plugin.data import build_calibration_dataset
     from qig_plugin.validation import InputError, check_tokenized_dataset
 
-    source = inputs.calibration
     if isinstance(source, list):
-        print(f"[qig] calibration: {min(args.samples, len(source))} of {len(source)} records from {inputs.data_name}",
+        print(f"[qig] calibration: {min(args.samples, len(source))} of {len(source)} records from {data_name}",
               flush=True)
         try:
             dataset = build_calibration_dataset(source[: args.samples], processor, max_length=args.max_length)
         except ValueError as error:
-            raise InputError(f"calibration set {inputs.data_name}: {error}") from error
+            raise InputError(f"calibration set {data_name}: {error}") from error
     else:
         dataset = source.select(range(min(args.samples, len(source))))
-    check_tokenized_dataset(dataset, inputs.data_name)
+    check_tokenized_dataset(dataset, data_name)
     return dataset
 
 
@@ -277,7 +297,7 @@ def _quantize(args: argparse.Namespace, log) -> int:
     print(f"[qig] model {_shown(args.model, model)}\n[qig] recipe {recipe} ({scheme})", flush=True)
     start = time.perf_counter()
     processor = _load_processor(model, inputs.config, args.trust_remote_code)
-    dataset = _calibration_dataset(inputs, processor, args)
+    dataset = _calibration_dataset(inputs.calibration, inputs.data_name, processor, args)
     log.work_started = True
     loaded = _load_model(model, inputs.config, args.trust_remote_code)
 
@@ -511,6 +531,55 @@ def generate_command(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def plan_bits_command(args: argparse.Namespace) -> int:
+    """Check the inputs, measure every unit's sensitivity on the calibration samples, write the recipe."""
+    import math
+
+    from qig_plugin.data import batch_one_collator
+    from qig_plugin.mixed_precision import check_budget, plan_mixed_precision
+    from qig_plugin.validation import InputError, check_output_folder
+
+    widths = sorted(set(args.widths))
+    bad = [bits for bits in widths if not (1 <= bits <= 8 or bits == 16)]
+    if bad:
+        raise InputError(f"--widths {' '.join(map(str, bad))}: pass weight widths from 1 to 8 bits, or 16 (unquantized)")
+    try:
+        check_budget(args.bits, widths)
+    except ValueError as error:
+        raise InputError(f"--bits: {error}") from error
+    if not math.isfinite(args.bits):
+        raise InputError(f"--bits {args.bits}: pass a number of bits per weight, e.g. --bits 3.5")
+    if args.output.is_dir():
+        raise InputError(f"--output {args.output} is a folder; the recipe is a file: pass a path ending in .yaml")
+    check_output_folder(args.output, overwrite=args.overwrite)
+    from qig_plugin.validation import is_vision_language
+
+    model_dir = _model_reference(args.model, args.trust_remote_code)
+    config = _model_config(model_dir, args.trust_remote_code)
+    calibration, data_name = _calibration_source(args, is_vision_language(config))
+    processor = _load_processor(model_dir, config, args.trust_remote_code)
+    dataset = _calibration_dataset(calibration, data_name, processor, args)
+    model = _load_model(model_dir, config, args.trust_remote_code)
+    batches = [batch_one_collator([row]) for row in dataset]
+    start = time.perf_counter()
+    plan = plan_mixed_precision(
+        model, batches, args.bits, widths, args.sensitivity, args.group_size,
+        progress=lambda done, total: print(f"[qig] sensitivity: sample {done}/{total}", flush=True),
+    )
+    staging = args.output.with_name(f".{args.output.name}.tmp")
+    staging.write_text(plan.recipe(QUANTIZING_MODIFIERS[args.method]))
+    staging.replace(args.output)
+    counts = {bits: sum(plan.widths[unit.name] == bits for unit in plan.units) for bits in widths}
+    print(
+        f"\n[qig] wrote {args.output}\n"
+        f"  sensitivity  {args.sensitivity} on {len(batches)} samples ({time.perf_counter() - start:.1f} s)\n"
+        f"  widths       " + ", ".join(f"{count} units at {bits} bits" for bits, count in counts.items()) + "\n"
+        f"  average      {plan.average_bits:.3f} bits per weight (budget {args.bits})\n"
+        f"  quantize it  qig quantize {args.model} --recipe {args.output} --output <folder>"
+    )
+    return EXIT_OK
+
+
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="local model folder (safetensors + processor files) or a hub id")
     recipe = parser.add_mutually_exclusive_group()
@@ -522,7 +591,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``qig`` argument parser with its five commands."""
+    """The ``qig`` argument parser with its six commands."""
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(prog="qig", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n")[1],
                                      formatter_class=formatter)
@@ -573,6 +642,25 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint")
     evaluate.add_argument("--overwrite", action="store_true", help="replace an existing --output and plot")
     evaluate.set_defaults(run=eval_command)
+
+    plan_bits = commands.add_parser("plan-bits", help="a mixed-precision recipe: fewer bits where QIG says they hurt least",
+                                     epilog=PLAN_BITS_EXAMPLES, formatter_class=formatter)
+    plan_bits.add_argument("model", help="local model folder (safetensors + processor files) or a hub id")
+    plan_bits.add_argument("--bits", type=float, required=True, help="average weight bits per weight, e.g. 3.5")
+    plan_bits.add_argument("--widths", type=int, nargs="+", default=[2, 3, 4, 8],
+                           help="candidate widths (default 2 3 4 8; 16 keeps a unit unquantized)")
+    plan_bits.add_argument("--sensitivity", choices=("qig", "entropy", "uniform"), default="qig",
+                           help="qig (default), entropy (LUQ) or uniform (one width)")
+    plan_bits.add_argument("--method", choices=tuple(QUANTIZING_MODIFIERS), default="qig-gptq",
+                           help="the recipe's modifier (default qig-gptq)")
+    plan_bits.add_argument("--group-size", type=int, default=64, help="quantization group of every width (default 64)")
+    plan_bits.add_argument("--output", type=Path, required=True, help="recipe YAML to write")
+    plan_bits.add_argument("--data", type=Path, help="calibration records as for `qig quantize`; default: shipped set")
+    plan_bits.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help=f"samples (default {DEFAULT_SAMPLES})")
+    plan_bits.add_argument("--max-length", type=int, default=512, help="tokens per sample (default 512)")
+    plan_bits.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint")
+    plan_bits.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    plan_bits.set_defaults(run=plan_bits_command)
 
     generate = commands.add_parser("generate", help="greedy generation with vLLM from a checkpoint",
                                    epilog=GENERATE_EXAMPLES, formatter_class=formatter)

@@ -523,7 +523,8 @@ def recipe_scheme(modifiers: list) -> str:
     """The scheme name (``W4A16``, ``W8A8``, ...) a recipe quantizes the linears to.
 
     Read from the quantization config of its quantizing modifiers: ``W<weight bits>A<activation bits>``,
-    ``A16`` when activations stay in 16 bits; float formats keep their preset name (e.g. ``FP8``).
+    ``A16`` when activations stay in 16 bits; float formats keep their preset name (e.g. ``FP8``). A
+    mixed-precision recipe (``qig plan-bits``) gives its schemes joined by ``+``, e.g. ``W3A16+W4A16``.
     """
     names = set()
     for modifier in modifiers:
@@ -537,20 +538,22 @@ def recipe_scheme(modifiers: list) -> str:
                 names.add(f"FP{weights.num_bits}")
             else:
                 names.add(f"W{weights.num_bits}A{activations.num_bits if activations is not None else 16}")
-    if len(names) != 1:
-        found = ", ".join(sorted(names)) or "none"
+    if not names:
         raise InputError(
-            f"the recipe must quantize the weights to exactly one scheme, found {found}; "
-            "put one quantizing modifier (GPTQModifier, QIGGPTQModifier, ...) with one scheme in it"
+            "the recipe quantizes no weights; put a quantizing modifier (GPTQModifier, QIGGPTQModifier, ...) with "
+            "a weight scheme in it"
         )
-    return names.pop()
+    return "+".join(sorted(names))
 
 
 def check_servable(scheme: str, support: dict[str, str | None]) -> None:
-    """Refuse a scheme this CPU's vLLM cannot serve (``support`` from ``cpu_serving_support()``)."""
-    reason = support.get(scheme, f"qig knows vLLM's CPU support only for {', '.join(support)}")
-    if reason is None:
+    """Refuse a scheme (each part of a mixed ``W3A16+W4A16``) this CPU's vLLM cannot serve (``support`` from
+    ``cpu_serving_support()``)."""
+    unknown = f"qig knows vLLM's CPU support only for {', '.join(support)}"
+    reasons = [f"{part}: {support.get(part, unknown)}" for part in scheme.split("+") if support.get(part, unknown)]
+    if not reasons:
         return
+    reason = reasons[0].split(": ", 1)[1] if "+" not in scheme else "; ".join(reasons)
     servable = ", ".join(name for name, problem in support.items() if problem is None) or "none"
     raise InputError(
         f"vLLM on this CPU cannot serve {scheme}: {reason}. Quantize to a scheme it serves ({servable}), "

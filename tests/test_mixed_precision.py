@@ -94,3 +94,37 @@ def test_sixteen_bits_keeps_a_unit_unquantized_and_out_of_the_recipe(tiny_llama_
     everything_kept = plan_mixed_precision(load_tiny_llama(tiny_llama_dir), rows(1), 16.0, (4, 16), "uniform")
     with pytest.raises(ValueError, match="nothing to quantize; lower the budget"):
         everything_kept.recipe()
+
+
+def test_plan_bits_writes_a_recipe_qig_quantize_runs(tmp_path, capsys):
+    from qig_plugin.cli import main
+    from tests.tiny_text_folder import build_tiny_text_folder
+
+    model = build_tiny_text_folder(tmp_path)
+    recipe = tmp_path / "mixed.yaml"
+    assert main(["plan-bits", str(model), "--bits", "3.5", "--samples", "2", "--output", str(recipe)]) == 0
+    assert "average      " in capsys.readouterr().out
+    groups = yaml.safe_load(recipe.read_text())["quant_stage"]["quant_modifiers"]["QIGGPTQModifier"]["config_groups"]
+    assert len(groups) > 1
+    assert main(["quantize", str(model), "--recipe", str(recipe), "--samples", "2", "--allow-unservable",
+                 "--output", str(tmp_path / "out")]) == 0
+    config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert {g["weights"]["num_bits"] for g in config["config_groups"].values()} == {
+        g["weights"]["num_bits"] for g in groups.values()}
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    (["--bits", "1.5"], "--bits: budget of 1.5 bits per weight is below the narrowest candidate width"),
+    (["--bits", "3", "--widths", "3", "12"], "--widths 12: pass weight widths from 1 to 8 bits, or 16"),
+    (["--bits", "3", "--output-exists"], "already exists; choose another --output or pass --overwrite"),
+])
+def test_plan_bits_refuses_bad_input_before_loading_anything(arguments, message, tmp_path, capsys):
+    from qig_plugin.cli import main
+
+    output = tmp_path / "recipe.yaml"
+    if "--output-exists" in arguments:
+        arguments.remove("--output-exists")
+        output.write_text("mine\n")
+    assert main(["plan-bits", str(tmp_path / "no-model-needed"), *arguments, "--output", str(output)]) == 2
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.glob(".*.tmp"))

@@ -79,4 +79,4 @@ def test_qig_commands_parse(page):
 
 def test_the_pages_show_every_qig_command():
     shown = {words[1] for page in PAGES for words in commands(page) if words[0] == "qig" and len(words) > 1}
-    assert shown >= {"quantize", "eval", "explain", "generate", "serve"}
+    assert shown >= {"quantize", "eval", "explain", "generate", "serve", "plan-bits"}
