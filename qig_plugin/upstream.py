@@ -19,14 +19,20 @@ from qig_plugin import __version__
 SUPPORTED_SERIES = {"llmcompressor": "0.14", "compressed-tensors": "0.19"}
 
 
+def installed_outside(distribution: str, series: str) -> str | None:
+    """The installed version of ``distribution`` ("not installed" when absent) unless it is of ``series`` (then None)."""
+    try:
+        found = version(distribution)
+    except PackageNotFoundError:
+        found = "not installed"
+    return None if found == series or found.startswith(f"{series}.") else found
+
+
 def check_versions() -> None:
     """Raise ``ImportError`` unless the installed llm-compressor and compressed-tensors are the supported series."""
     for distribution, series in SUPPORTED_SERIES.items():
-        try:
-            found = version(distribution)
-        except PackageNotFoundError:
-            found = "not installed"
-        if found != series and not found.startswith(f"{series}."):
+        found = installed_outside(distribution, series)
+        if found is not None:
             raise ImportError(
                 f"qig-plugin {__version__} supports {distribution} {series}.x; found {found}. Install the "
                 f"quantize environment's pins (`pip install 'qig-plugin[quantize]'`, which takes llmcompressor==0.14.0.1 "
@@ -77,6 +83,7 @@ __all__ = [
     "SmoothQuantSeam",
     "awq_mappings_of",
     "check_versions",
+    "installed_outside",
     "close_modifier_name",
     "expert_token_rows",
     "get_lowest_common_ancestor_with_avoid",
@@ -281,11 +288,8 @@ AUTO_ROUND_SERIES = "0.15"
 
 def _sign_round_quantizer() -> type:
     """auto-round's ``SignRoundQuantizer``, after checking the installed auto-round is the supported series."""
-    try:
-        found = version("auto-round")
-    except PackageNotFoundError:
-        found = "not installed"
-    if found != AUTO_ROUND_SERIES and not found.startswith(f"{AUTO_ROUND_SERIES}."):
+    found = installed_outside("auto-round", AUTO_ROUND_SERIES)
+    if found is not None:
         raise ImportError(
             f"qig-plugin {__version__} weights AutoRound's block loss in auto-round {AUTO_ROUND_SERIES}.x; found "
             f"{found}. Install it with `pip install 'auto-round=={AUTO_ROUND_SERIES}.1'` (llmcompressor 0.14 accepts it)"

@@ -9,8 +9,18 @@ import torch
 import yaml
 
 import qig_plugin  # noqa: F401  (registers the modifiers)
-from qig_plugin.mixed_precision import QuantUnit, allocate_widths, average_bits, plan_mixed_precision, quant_units
-from tests.modifiers.tiny_llama import calibrate_tiny_llama, load_tiny_llama, random_token_dataset
+from qig_plugin.mixed_precision import (
+    QuantUnit,
+    allocate_widths,
+    average_bits,
+    plan_mixed_precision,
+    quant_units,
+)
+from tests.modifiers.tiny_llama import (
+    calibrate_tiny_llama,
+    load_tiny_llama,
+    random_token_dataset,
+)
 
 WIDTHS = (2, 3, 4, 8)
 

@@ -1,7 +1,17 @@
 """Layer-wise mixed precision: QIG (or LUQ's activation entropy) chooses which linears get fewer bits."""
 
-from qig_plugin.mixed_precision.allocation import QuantUnit, allocate_widths, average_bits, check_budget
-from qig_plugin.mixed_precision.plan import MixedPrecisionPlan, Sensitivity, plan_mixed_precision, quant_units
+from qig_plugin.mixed_precision.allocation import (
+    QuantUnit,
+    allocate_widths,
+    average_bits,
+    check_budget,
+)
+from qig_plugin.mixed_precision.plan import (
+    MixedPrecisionPlan,
+    Sensitivity,
+    plan_mixed_precision,
+    quant_units,
+)
 
 __all__ = [
     "MixedPrecisionPlan",

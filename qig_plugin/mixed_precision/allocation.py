@@ -6,6 +6,7 @@ A unit is a set of linears that must share one width because vLLM fuses them int
 that keep the total cost low with the average bits per weight at or below the budget.
 """
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -34,7 +35,7 @@ def average_bits(units: Sequence[QuantUnit], widths: Mapping[str, int]) -> float
 
 def check_budget(budget_bits: float, candidates: Sequence[int]) -> None:
     """Raise ``ValueError`` unless ``budget_bits`` is a number at or above the narrowest candidate width."""
-    if not budget_bits == budget_bits or budget_bits < min(candidates):  # NaN, or below the narrowest width
+    if math.isnan(budget_bits) or budget_bits < min(candidates):
         raise ValueError(
             f"budget of {budget_bits} bits per weight is below the narrowest candidate width ({min(candidates)} bits); "
             f"ask for at least {min(candidates)}, or add a narrower width"

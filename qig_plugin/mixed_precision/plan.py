@@ -30,8 +30,18 @@ import torch
 import yaml
 from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
-from qig_plugin.attribution import AttributionCache, QIGSettings, attribute_block, block_input
-from qig_plugin.mixed_precision.allocation import QuantUnit, allocate_widths, average_bits, check_budget
+from qig_plugin.attribution import (
+    AttributionCache,
+    QIGSettings,
+    attribute_block,
+    block_input,
+)
+from qig_plugin.mixed_precision.allocation import (
+    QuantUnit,
+    allocate_widths,
+    average_bits,
+    check_budget,
+)
 from qig_plugin.modifiers.groups import SubLayerGroup, resolve_groups
 from qig_plugin.modifiers.language_model import decoder_layers
 

@@ -45,10 +45,15 @@ def test_qig_gptq_quantizes_the_text_model_of_each_family(family, tmp_path, monk
     assert all(torch.allclose(w.mean(-1), torch.ones(w.shape[0])) for w in recorded)
     assert any(w.std() > 0.05 for w in recorded)  # QIG weights are not uniform
 
+    check_text_model_checkpoint(output, layers)
+    assert (output / "tokenizer_config.json").exists()
+
+
+def check_text_model_checkpoint(output, layers: int) -> None:
+    """The checkpoint packs the 7 linears of each text decoder layer and nothing of the vision side."""
     tensors = load_file(output / "model.safetensors")
     packed = [name for name in tensors if name.endswith("weight_packed")]
     assert len(packed) == layers * 7
     assert not any(part in name for name in packed for part in ("vision", "visual", "projector", "connector"))
     config = json.loads((output / "config.json").read_text())["quantization_config"]
     assert config["format"] == "pack-quantized"
-    assert (output / "tokenizer_config.json").exists()

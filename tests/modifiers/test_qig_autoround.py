@@ -1,6 +1,5 @@
 """QIGAutoRoundModifier: AutoRound's block loss weighted per token by QIG, through the real ``oneshot``."""
 
-import json
 from types import SimpleNamespace
 
 import pytest
@@ -12,6 +11,7 @@ import qig_plugin  # noqa: F401  (registers the modifiers)
 from qig_plugin.modifiers import QIGAutoRoundModifier
 from qig_plugin.quantize import quantize_to_checkpoint
 from qig_plugin.upstream import weighted_block_loss
+from tests.modifiers.test_architectures import check_text_model_checkpoint
 from tests.modifiers.tiny_llama import calibrate_tiny_llama
 from tests.tiny_models import tiny_idefics3, tiny_qwen2_5_vl
 
@@ -72,7 +72,9 @@ def test_qig_weights_change_the_checkpoint(tiny_llama_dir, tmp_path, recorded_we
 
 
 def test_the_block_loss_weights_each_tokens_squared_error():
-    from auto_round.algorithms.quantization.sign_round.quantizer import SignRoundQuantizer
+    from auto_round.algorithms.quantization.sign_round.quantizer import (
+        SignRoundQuantizer,
+    )
 
     reference = torch.zeros(3, 5, 4)
     output = torch.ones(3, 5, 4)
@@ -95,9 +97,4 @@ def test_qig_autoround_quantizes_the_text_model_of_two_families(builder, tmp_pat
 
     layers = tiny.model.config.get_text_config().num_hidden_layers
     assert len(recorded_weights) == layers and all(len(layer) == len(tiny.dataset) for layer in recorded_weights)
-    tensors = load_file(output / "model.safetensors")
-    packed = [name for name in tensors if name.endswith("weight_packed")]
-    assert len(packed) == layers * 7
-    assert not any(part in name for name in packed for part in ("vision", "visual", "projector", "connector"))
-    config = json.loads((output / "config.json").read_text())["quantization_config"]
-    assert config["format"] == "pack-quantized"
+    check_text_model_checkpoint(output, layers)
