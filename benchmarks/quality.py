@@ -15,6 +15,11 @@ positions of ``EVAL_RECORDS`` records of that split, top-1 agreement, KL and per
 real passages of that split, and (VLM) easy-VQA accuracy on ``VQA_QUESTIONS`` questions of its images (TEST for
 held-out), each with a bootstrap 95% interval over samples; ratios use paired resamples.
 
+Mixed precision (``--schemes bits3.0 bits3.5``, methods ``mixed_uniform``, ``mixed_entropy``, ``mixed_qig``): an
+average-bits budget instead of a scheme; each allocation (``qig plan-bits``: uniform, LUQ's activation entropy, QIG)
+is planned on the cell's first ``PLAN_SAMPLES`` calibration records and run by stock GPTQ, so only the allocation
+differs; ``mixed_qig`` is compared with the better of the other two.
+
 Regime check (printed and stored): at each scheme stock GPTQ must beat round-to-nearest on KL and perplexity; where
 it does not, the calibration set is too small or too narrow for conclusions about GPTQ-based methods.
 
@@ -62,6 +67,10 @@ VQA_QUESTIONS = 300
 EVAL_SEED = 0  # which records, passages and questions of the scored split (the same for every cell)
 CHILD_TIMEOUT_S = 5400
 ALL_SCHEMES = ("w3a16", "w4a16", "w4a8", "w8a8")
+# mixed precision: an average-bits budget instead of a scheme (weight-only, int, symmetric, group 64)
+BUDGETS = {"bits3.0": 3.0, "bits3.5": 3.5}
+MIXED_WIDTHS = (2, 3, 4, 8)
+PLAN_SAMPLES = 32  # calibration records the sensitivity is measured on
 WEIGHT_ACTIVATION = ("w4a8", "w8a8")
 
 # method -> (recipe file stem with {scheme}, modifier class swaps, field overrides, schemes it applies to)
@@ -95,8 +104,13 @@ VARIANTS = {
     "qig_gptq_no_iqr_clip": ("qig_gptq_{scheme}", {}, {"qig_iqr_clip": False}, ALL_SCHEMES),
 }
 METHODS.update(VARIANTS)
-STOCK = ("rtn", "gptq", "awq", "sq_gptq", "autoround")
-QIG = ("qig_gptq", "qig_awq", "qig_sq_gptq", "qig_sq_qig_gptq", "qig_autoround")
+# mixed precision (qig plan-bits): each allocation's plan on the cell's own calibration records, run by stock GPTQ
+# so that only the allocation differs; uniform is every linear at the widest width within the budget
+MIXED = {f"mixed_{sensitivity}": (None, {}, {"sensitivity": sensitivity}, tuple(BUDGETS))
+         for sensitivity in ("uniform", "entropy", "qig")}
+METHODS.update(MIXED)
+STOCK = ("rtn", "gptq", "awq", "sq_gptq", "autoround", "mixed_uniform", "mixed_entropy")
+QIG = ("qig_gptq", "qig_awq", "qig_sq_gptq", "qig_sq_qig_gptq", "qig_autoround", "mixed_qig")
 CONTROLS = tuple(m for m in METHODS if m.split("_")[0] in ("norm", "first", "discrepancy")) + ("mbq_awq",)
 MAIN_METHODS = STOCK + QIG + CONTROLS
 # each non-stock method's stock counterpart
@@ -104,9 +118,9 @@ STOCK_TWIN = {**{m: "gptq" for m in METHODS if m.endswith("_gptq") and m not in 
               **{m: "awq" for m in METHODS if m.endswith("_awq") and m not in STOCK},
               **{m: "autoround" for m in METHODS if m.endswith("_autoround") and m not in STOCK},
               **{m: "sq_gptq" for m in METHODS if m.endswith("_sq_gptq") or m == "qig_sq_qig_gptq"},
-              **dict.fromkeys(VARIANTS, "gptq")}
+              **dict.fromkeys(VARIANTS, "gptq"), "mixed_qig": "mixed_entropy"}
 IMAGE_ONLY = ("mbq_awq",)  # MBQ weights tokens by modality: the text model has no image tokens
-SCHEMES = ALL_SCHEMES
+SCHEMES = ALL_SCHEMES + tuple(BUDGETS)
 
 
 # ---------------------------------------------------------------- controls (benchmark-only modifiers)
@@ -192,6 +206,20 @@ def build_modifiers(method: str, scheme: str) -> list:
                 fields = {**fields, **overrides}
                 modifiers.append(cls(**{k: v for k, v in fields.items() if k in cls.model_fields}))
     return modifiers
+
+
+def mixed_recipe(model, dataset, method: str, scheme: str) -> str:
+    """The GPTQ recipe of the method's mixed-precision plan under the scheme's budget, measured on the first
+    ``PLAN_SAMPLES`` calibration records."""
+    from qig_plugin.data import batch_one_collator
+    from qig_plugin.mixed_precision import plan_mixed_precision
+
+    batches = [batch_one_collator([row]) for row in dataset.select(range(min(PLAN_SAMPLES, len(dataset))))]
+    plan = plan_mixed_precision(model, batches, BUDGETS[scheme], MIXED_WIDTHS, METHODS[method][2]["sensitivity"])
+    widths = list(plan.widths.values())
+    print(f"{method} {scheme}: {plan.average_bits:.3f} bits per weight; units per width "
+          f"{ {bits: widths.count(bits) for bits in MIXED_WIDTHS} }", file=sys.stderr)
+    return plan.recipe("GPTQModifier")
 
 
 # ---------------------------------------------------------------- data
@@ -299,7 +327,8 @@ def run_cell(model_kind: str, scheme: str, method: str, samples: int, seed: int,
     torch.manual_seed(seed)
     model, processor = load_model_and_processor(model_kind)
     dataset = build_calibration_dataset(records_of(model_kind, "calibration", samples, seed, processor), processor)
-    seconds = calibrate(model, processor, build_modifiers(method, scheme), dataset)
+    recipe = mixed_recipe(model, dataset, method, scheme) if method in MIXED else build_modifiers(method, scheme)
+    seconds = calibrate(model, processor, recipe, dataset)
     sets = evaluation_sets(model_kind, split, processor)
     return {
         "model": model_kind, "scheme": scheme, "method": method, "samples": samples, "seed": seed, "split": split,
