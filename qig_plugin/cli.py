@@ -1,5 +1,5 @@
-"""qig: quantize a vision-language model or a text-only LLM with QIG, picture its token weights, measure how close
-the result stays to the original, serve it.
+"""qig: quantize a vision-language model or a text-only LLM with QIG, picture its token weights, plan per-layer
+widths under a bits budget, measure how close the result stays to the original, serve it.
 
 Exit codes: 0 done; 1 the work failed (see the message); 2 bad usage or bad input, nothing written.
 Inputs are checked before any model is loaded or any file is written.
