@@ -103,6 +103,10 @@ VARIANTS = {
     "qig_gptq_quantized_baseline": ("qig_gptq_{scheme}", {}, {"qig_baseline": "quantized"}, WEIGHT_ACTIVATION),
     "qig_gptq_no_iqr_clip": ("qig_gptq_{scheme}", {}, {"qig_iqr_clip": False}, ALL_SCHEMES),
 }
+# how QIG scores become weights (see weighting_variants): sharper, softer, or halfway to uniform
+WEIGHTINGS = ("power2", "sqrt", "half_uniform")
+VARIANTS.update({f"qig_gptq_{shape}": ("qig_gptq_{scheme}", {"QIGGPTQModifier": f"{shape}:QIGGPTQModifier"}, {},
+                                       ALL_SCHEMES) for shape in WEIGHTINGS})
 METHODS.update(VARIANTS)
 # mixed precision (qig plan-bits): each allocation's plan on the cell's own calibration records, run by stock GPTQ
 # so that only the allocation differs; uniform is every linear at the widest width within the budget
@@ -176,6 +180,29 @@ def control_modifiers(classes: dict[str, type]) -> dict[str, type]:
     return controls
 
 
+def weighting_variants(qig_gptq: type) -> dict[str, type]:
+    """``"{shape}:QIGGPTQModifier"`` -> QIG-GPTQ with another map from QIG scores ``s`` to token weights:
+
+    - ``power2``: weights from ``s**2`` (sharper), clipped and normalized as the default;
+    - ``sqrt``: weights from ``s**0.5`` (softer);
+    - ``half_uniform``: the default weights averaged with uniform ones, ``(lambda + 1) / 2`` on kept tokens.
+    """
+    from qig_plugin.attribution import calibration_token_weights
+
+    def shaped(transform):
+        def qig_weights(self, scores, keep):
+            return calibration_token_weights(transform(scores), keep, self.iqr_multiplier)
+        return qig_weights
+
+    def half_uniform(self, scores, keep):
+        kept = torch.ones_like(scores) if keep is None else keep.to(scores.dtype)
+        return (calibration_token_weights(scores, keep, self.iqr_multiplier) + kept) / 2
+
+    shapes = {"power2": shaped(lambda s: s.square()), "sqrt": shaped(torch.sqrt), "half_uniform": half_uniform}
+    return {f"{shape}:QIGGPTQModifier": type(f"{shape.title().replace('_', '')}QIGGPTQModifier", (qig_gptq,),
+                                             {"qig_weights": shapes[shape]}) for shape in WEIGHTINGS}
+
+
 def build_modifiers(method: str, scheme: str) -> list:
     """The method's modifiers for ``scheme``: the shipped recipe, with class swaps and field overrides."""
     from llmcompressor.modifiers.autoround import AutoRoundModifier
@@ -196,6 +223,7 @@ def build_modifiers(method: str, scheme: str) -> list:
                                              AutoRoundModifier, MBQModifier, QIGAutoRoundModifier, QIGAWQModifier,
                                              QIGGPTQModifier, QIGSmoothQuantModifier)}
     classes.update(control_modifiers(classes))
+    classes.update(weighting_variants(QIGGPTQModifier))
     recipe, swaps, overrides, _ = METHODS[method]
     stages = yaml.safe_load((RECIPES / f"{recipe.format(scheme=scheme)}.yaml").read_text())
     modifiers = []
