@@ -139,12 +139,7 @@ def control_modifiers(classes: dict[str, type]) -> dict[str, type]:
     - ``discrepancy``: the block's own output discrepancy ``mean_h |f(x_t; W) - f(x_t; Q(W))|``, forward only, for
       every block, attention included (the cheapest QIG-like score: QIG must beat it to justify integration).
     """
-    from qig_plugin.attribution import (
-        AttributionCache,
-        block_input,
-        discrepancy,
-        linear_weights,
-    )
+    from qig_plugin.attribution import AttributionCache, block_discrepancy, block_input
     from qig_plugin.upstream import hooks_disabled
 
     weight_cache = AttributionCache()  # Q(W) of the layer being calibrated
@@ -158,15 +153,8 @@ def control_modifiers(classes: dict[str, type]) -> dict[str, type]:
         return scores
 
     def discrepancy_scores(self, block, weight_args, args, kwargs, baseline_args=None, input_linears=()):
-        fp_weights, q_weights = weight_cache.weight_pair(block, weight_args)
-        float_args = tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
-        outputs = []
-        with torch.no_grad(), hooks_disabled():
-            for weights in (fp_weights, q_weights):
-                with linear_weights(weights):
-                    output = block(*float_args, **kwargs)
-                outputs.append(output[0] if isinstance(output, tuple) else output)
-        return discrepancy(*outputs)
+        with hooks_disabled():
+            return block_discrepancy(block, args, kwargs, weight_args, weight_cache)
 
     scores = {"norm": norm_scores, "first_token_zero": first_token_zero_scores, "discrepancy": discrepancy_scores}
     controls = {}

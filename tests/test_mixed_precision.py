@@ -3,6 +3,7 @@
 import json
 import math
 import random
+from functools import partial
 
 import pytest
 import torch
@@ -138,3 +139,52 @@ def test_plan_bits_refuses_bad_input_before_loading_anything(arguments, message,
     assert main(["plan-bits", str(tmp_path / "no-model-needed"), *arguments, "--output", str(output)]) == 2
     assert message in capsys.readouterr().err
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_qig_costs_are_each_blocks_discrepancy_relative_to_the_residual_stream(tiny_llama_dir):
+    """One scale for every unit: a token-wise unit's cost is its block's output discrepancy over the residual's RMS,
+    summed over tokens; attention's (QIG shares of the same total) lies between that total over the largest and
+    over the smallest residual RMS. (Raw QIG scores are on a different scale for attention than for MLPs.)"""
+    from compressed_tensors.quantization import QuantizationArgs
+
+    from qig_plugin.attribution import block_discrepancy
+    from qig_plugin.modifiers.language_model import decoder_layers
+
+    model = load_tiny_llama(tiny_llama_dir)
+    batches = rows(2)
+    plan = plan_mixed_precision(model, batches, budget_bits=3.5, widths=(3, 8), sensitivity="qig")
+    units, group_of = quant_units(model)
+    _, layers = decoder_layers(model)
+    args3 = QuantizationArgs(num_bits=3, type="int", symmetric=True, strategy="group", group_size=64)
+    expected = {unit.name: [0.0, 0.0, 0.0] for unit in units}  # sum d/r, sum d / max r, sum d / min r
+    residual = {}
+
+    def residual_hook(layer, args, kwargs):
+        residual["rms"] = args[0].float().pow(2).mean(-1).sqrt() if args else \
+            kwargs["hidden_states"].float().pow(2).mean(-1).sqrt()
+
+    def block_hook(_block, args, kwargs, name):
+        if residual.get("busy"):
+            return
+        residual["busy"] = True
+        group, rms = group_of[name], residual["rms"]
+        d = block_discrepancy(group.block, args, kwargs, dict.fromkeys(group.linears, args3))
+        expected[name][0] += float((d / rms).sum())
+        expected[name][1] += float(d.sum() / rms.max())
+        expected[name][2] += float(d.sum() / rms.min())
+        residual["busy"] = False
+
+    handles = [layer.register_forward_pre_hook(residual_hook, with_kwargs=True) for layer in layers]
+    handles += [group.block.register_forward_pre_hook(partial(block_hook, name=name), with_kwargs=True)
+                for name, group in group_of.items()]
+    with torch.no_grad():
+        for batch in batches:
+            model(**batch, use_cache=False)
+    for handle in handles:
+        handle.remove()
+    for name, (relative, low, high) in expected.items():
+        cost = plan.costs[name][3]
+        if "self_attn.{" in name:  # attention: QIG shares of the total
+            assert low * 0.999 <= cost <= high * 1.001, name
+        else:
+            assert cost == pytest.approx(relative, rel=1e-4), name

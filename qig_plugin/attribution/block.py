@@ -190,6 +190,31 @@ def attribute_block(
     return BlockAttribution(result.scores, result.nodes, result.completeness_error)
 
 
+def block_discrepancy(
+    block: torch.nn.Module,
+    args: tuple,
+    kwargs: dict[str, Any],
+    weight_args: Mapping[torch.nn.Module, QuantizationArgs],
+    cache: AttributionCache | None = None,
+) -> torch.Tensor:
+    """The block's quantization discrepancy at each output token, ``mean_h |f(x; W) - f(x; Q(W))|``, forward only.
+
+    What QIG attributes (completeness: a token-wise block's scores in ``fast`` are exactly this); its own
+    cheapest stand-in. Arguments as for :func:`attribute_block`; run it with every modifier's hooks off.
+
+    :return: ``[batch, seq]``
+    """
+    fp_weights, q_weights = (cache or AttributionCache()).weight_pair(block, weight_args)
+    float_args, float_kwargs = _to_float(args), _to_float(kwargs)
+    outputs = []
+    with torch.no_grad():
+        for weights in (fp_weights, q_weights):
+            with linear_weights(weights):
+                output = block(*float_args, **float_kwargs)
+            outputs.append(output[0] if isinstance(output, tuple) else output)
+    return discrepancy(*outputs)
+
+
 def is_token_wise(block_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> bool:
     """Whether ``block_fn``'s output at each token depends on that token's input alone.
 

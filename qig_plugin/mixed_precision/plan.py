@@ -6,9 +6,10 @@ gate/up, which vLLM fuses, and o_proj, down_proj alone; the sub-layer groups of
 calibration rows, and allocates widths under the budget (:func:`~qig_plugin.mixed_precision.allocation.allocate_widths`).
 Sensitivities:
 
-- ``qig``: the unit's QIG attribution: the summed token scores of its block's quantization discrepancy with
-  only the unit's linears at that width (:func:`~qig_plugin.attribution.attribute_block`, the entry point every
-  QIG modifier uses), over every calibration token;
+- ``qig``: the unit's QIG attribution: its block's quantization discrepancy with only the unit's linears at that
+  width, split over the input tokens by their QIG scores (:func:`~qig_plugin.attribution.attribute_block`, the
+  entry point every QIG modifier uses) and taken relative to the residual stream at each token, summed over
+  every calibration token (see :func:`_qig_costs`);
 - ``entropy``: LUQ's criterion: the Shannon entropy of the unit's input activations (a low-entropy layer
   tolerates fewer bits), times the unit's weights and the quantization noise power ``4^-bits``;
 - ``uniform``: no measurement; every unit at the widest candidate width within the budget.
@@ -34,6 +35,7 @@ from qig_plugin.attribution import (
     AttributionCache,
     QIGSettings,
     attribute_block,
+    block_discrepancy,
     block_input,
 )
 from qig_plugin.mixed_precision.allocation import (
@@ -161,20 +163,28 @@ def plan_mixed_precision(
 
 
 def _run_with_block_hooks(model, batches, group_of, on_block_call, progress) -> None:
-    """Run ``model`` on every batch with ``on_block_call(unit_name, group, args, kwargs)`` before each group's block
-    (not again for the block calls ``on_block_call`` itself makes)."""
-    measuring = []
+    """Run ``model`` on every batch with ``on_block_call(unit_name, group, args, kwargs, residual_rms)`` before each
+    group's block (not again for the block calls ``on_block_call`` itself makes); ``residual_rms`` ``[batch, seq]`` is
+    the root mean square of the residual stream entering the block's decoder layer."""
+    measuring, residual = [], {}
+    _, layers = decoder_layers(model)
+    layer_of = {module: layer for layer in layers for module in layer.modules()}
+
+    def residual_hook(layer, args, kwargs):
+        hidden = block_input(args, kwargs)[1].detach().float()
+        residual[layer] = hidden.pow(2).mean(dim=-1).sqrt()
 
     def hook(_module, args, kwargs, name, group):
         if not measuring:
             measuring.append(name)
             try:
-                on_block_call(name, group, args, kwargs)
+                on_block_call(name, group, args, kwargs, residual[layer_of[group.block]])
             finally:
                 measuring.clear()
 
-    handles = [group.block.register_forward_pre_hook(partial(hook, name=name, group=group), with_kwargs=True)
-               for name, group in group_of.items()]
+    handles = [layer.register_forward_pre_hook(residual_hook, with_kwargs=True) for layer in layers]
+    handles += [group.block.register_forward_pre_hook(partial(hook, name=name, group=group), with_kwargs=True)
+                for name, group in group_of.items()]
     try:
         with torch.no_grad():
             for index, batch in enumerate(batches, 1):
@@ -187,19 +197,29 @@ def _run_with_block_hooks(model, batches, group_of, on_block_call, progress) -> 
 
 
 def _qig_costs(model, batches, units, group_of, candidates, group_size, settings, progress):
-    """Unit -> {width: summed QIG token scores of its block's discrepancy, only the unit quantized}."""
+    """Unit -> {width: its block's quantization discrepancy, only the unit quantized, relative to the residual
+    stream, summed over the tokens that QIG holds responsible}.
+
+    Per call: ``D``, the block's output discrepancy summed over tokens, is split over the input tokens in
+    proportion to their QIG scores ``s_t`` (completeness: the attributions sum to ``D``; the scores' own scale
+    differs between attention, MLP and linear blocks), and each token's share is divided by the root mean square
+    ``r_t`` of the residual stream it is added to, which the next layer's RMSNorm divides by:
+    ``sum_t D s_t / (r_t sum_u s_u)`` per sample. Measured against the end KL with one unit quantized at a time (default
+    model, 120 units, 2 and 3 bits), this cost ranks units at Spearman 0.89-0.91 (docs/measurements.md).
+    """
     weight_args = {bits: QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="group",
                                           group_size=group_size) for bits in candidates if bits != UNQUANTIZED}
     caches = {bits: AttributionCache() for bits in candidates}
     costs = {unit.name: dict.fromkeys(candidates, 0.0) for unit in units}
 
-    def attribute(name, group, args, kwargs):
-        for bits in candidates:
-            if bits == UNQUANTIZED:
-                continue  # Q(W) = W: no discrepancy
-            scores = attribute_block(group.block, args, kwargs, dict.fromkeys(group.linears, weight_args[bits]),
-                                     settings, input_linears=group.linears, cache=caches[bits]).scores
-            costs[name][bits] += float(scores.sum())
+    def attribute(name, group, args, kwargs, residual_rms):
+        for bits in weight_args:  # 16 bits: Q(W) = W, no discrepancy
+            unit_args = dict.fromkeys(group.linears, weight_args[bits])
+            scores = attribute_block(group.block, args, kwargs, unit_args, settings, input_linears=group.linears,
+                                     cache=caches[bits]).scores
+            totals = block_discrepancy(group.block, args, kwargs, unit_args, caches[bits]).sum(dim=-1, keepdim=True)
+            shares = scores / scores.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
+            costs[name][bits] += float((totals * shares / residual_rms.clamp_min(1e-6)).sum())
 
     _run_with_block_hooks(model, batches, group_of, attribute, progress)
     return costs
@@ -209,7 +229,7 @@ def _entropy_costs(model, batches, units, group_of, candidates, group_size, sett
     """Unit -> {width: mean entropy (bits) of its input activations x weights x 4^-width} (LUQ's criterion)."""
     entropy_sums = dict.fromkeys(group_of, 0.0)
 
-    def measure(name, group, args, kwargs):
+    def measure(name, group, args, kwargs, _residual_rms):
         values = block_input(args, kwargs)[1].detach().float().flatten()
         counts = torch.histc(values, bins=ENTROPY_BINS, min=float(values.min()), max=float(values.max()))
         p = counts[counts > 0] / counts.sum()
