@@ -84,7 +84,7 @@ Both models are held in memory, in float32.
 """
 
 PLAN_BITS_EXAMPLES = """examples:
-  qig plan-bits MODEL --bits 3.5 --output mixed.yaml                 # QIG sensitivity, widths 2 3 4 8
+  qig plan-bits MODEL --bits 3.5 --output mixed.yaml                 # QIG sensitivity, widths 2 3 4
   qig plan-bits MODEL --bits 3 --sensitivity entropy --output luq.yaml   # LUQ's activation-entropy criterion
   qig plan-bits MODEL --bits 8 --widths 4 16 --output cpu.yaml       # int4 or unquantized: a CPU's vLLM serves it
   qig quantize MODEL --recipe mixed.yaml --allow-unservable --output out/mixed
@@ -647,8 +647,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog=PLAN_BITS_EXAMPLES, formatter_class=formatter)
     plan_bits.add_argument("model", help="local model folder (safetensors + processor files) or a hub id")
     plan_bits.add_argument("--bits", type=float, required=True, help="average weight bits per weight, e.g. 3.5")
-    plan_bits.add_argument("--widths", type=int, nargs="+", default=[2, 3, 4, 8],
-                           help="candidate widths (default 2 3 4 8; 16 keeps a unit unquantized)")
+    plan_bits.add_argument("--widths", type=int, nargs="+", default=[2, 3, 4],
+                           help="candidate widths (default 2 3 4; add 8 or 16 (unquantized) for wider units)")
     plan_bits.add_argument("--sensitivity", choices=("qig", "entropy", "uniform"), default="qig",
                            help="qig (default), entropy (LUQ) or uniform (one width)")
     plan_bits.add_argument("--method", choices=tuple(QUANTIZING_MODIFIERS), default="qig-gptq",

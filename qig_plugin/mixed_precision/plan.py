@@ -128,7 +128,7 @@ def plan_mixed_precision(
     model: torch.nn.Module,
     batches: Sequence[dict[str, torch.Tensor]],
     budget_bits: float,
-    widths: Sequence[int] = (2, 3, 4, 8),
+    widths: Sequence[int] = (2, 3, 4),
     sensitivity: Sensitivity = "qig",
     group_size: int = 64,
     settings: QIGSettings | None = None,
@@ -139,7 +139,8 @@ def plan_mixed_precision(
     :param model: the full-precision model (a VLM or a text model), left unchanged
     :param batches: model inputs, e.g. rows of a calibration dataset through ``batch_one_collator``
     :param budget_bits: average weight bits per weight to stay at or below (e.g. 3.0 or 3.5)
-    :param widths: candidate weight widths
+    :param widths: candidate weight widths (with 8 among them, the allocation spent budget on 8-bit units and
+        ended with a higher end KL at 3.0 and 3.5 bits on the default model: docs/measurements.md)
     :param group_size: quantization group of every width (must divide every linear's input width)
     :param settings: QIG attribution settings (``qig`` sensitivity; defaults when None)
     :param progress: called with (batches done, batches) after each batch
