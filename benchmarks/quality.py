@@ -15,10 +15,11 @@ positions of ``EVAL_RECORDS`` records of that split, top-1 agreement, KL and per
 real passages of that split, and (VLM) easy-VQA accuracy on ``VQA_QUESTIONS`` questions of its images (TEST for
 held-out), each with a bootstrap 95% interval over samples; ratios use paired resamples.
 
-Mixed precision (``--schemes bits3.0 bits3.5``, methods ``mixed_uniform``, ``mixed_entropy``, ``mixed_qig``): an
-average-bits budget instead of a scheme; each allocation (``qig plan-bits``: uniform, LUQ's activation entropy, QIG)
-is planned on the cell's first ``PLAN_SAMPLES`` calibration records and run by stock GPTQ, so only the allocation
-differs; ``mixed_qig`` is compared with the better of the other two.
+Mixed precision (``--schemes bits3.0 bits3.5``, methods ``mixed_uniform``, ``mixed_entropy``, ``mixed_qig`` and the
+control ``mixed_discrepancy``): an average-bits budget instead of a scheme; each allocation (``qig plan-bits``:
+uniform, LUQ's activation entropy, QIG, QIG's forward-only discrepancy) is planned on the cell's first
+``PLAN_SAMPLES`` calibration records and run by stock GPTQ, so only the allocation differs; ``mixed_qig`` is
+compared with the better of uniform and entropy.
 
 Regime check (printed and stored): at each scheme stock GPTQ must beat round-to-nearest on KL and perplexity; where
 it does not, the calibration set is too small or too narrow for conclusions about GPTQ-based methods.
@@ -111,18 +112,20 @@ METHODS.update(VARIANTS)
 # mixed precision (qig plan-bits): each allocation's plan on the cell's own calibration records, run by stock GPTQ
 # so that only the allocation differs; uniform is every linear at the widest width within the budget
 MIXED = {f"mixed_{sensitivity}": (None, {}, {"sensitivity": sensitivity}, tuple(BUDGETS))
-         for sensitivity in ("uniform", "entropy", "qig")}
+         for sensitivity in ("uniform", "entropy", "qig", "discrepancy")}
 METHODS.update(MIXED)
 STOCK = ("rtn", "gptq", "awq", "sq_gptq", "autoround", "mixed_uniform", "mixed_entropy")
 QIG = ("qig_gptq", "qig_awq", "qig_sq_gptq", "qig_sq_qig_gptq", "qig_autoround", "mixed_qig")
-CONTROLS = tuple(m for m in METHODS if m.split("_")[0] in ("norm", "first", "discrepancy")) + ("mbq_awq",)
+CONTROLS = tuple(m for m in METHODS if m.split("_")[0] in ("norm", "first", "discrepancy")) + ("mbq_awq",
+                                                                                             "mixed_discrepancy")
 MAIN_METHODS = STOCK + QIG + CONTROLS
 # each non-stock method's stock counterpart
 STOCK_TWIN = {**{m: "gptq" for m in METHODS if m.endswith("_gptq") and m not in STOCK},
               **{m: "awq" for m in METHODS if m.endswith("_awq") and m not in STOCK},
               **{m: "autoround" for m in METHODS if m.endswith("_autoround") and m not in STOCK},
               **{m: "sq_gptq" for m in METHODS if m.endswith("_sq_gptq") or m == "qig_sq_qig_gptq"},
-              **dict.fromkeys(VARIANTS, "gptq"), "mixed_qig": "mixed_entropy"}
+              **dict.fromkeys(VARIANTS, "gptq"), "mixed_qig": "mixed_entropy",
+              "mixed_discrepancy": "mixed_entropy"}
 IMAGE_ONLY = ("mbq_awq",)  # MBQ weights tokens by modality: the text model has no image tokens
 SCHEMES = ALL_SCHEMES + tuple(BUDGETS)
 

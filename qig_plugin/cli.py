@@ -649,8 +649,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan_bits.add_argument("--bits", type=float, required=True, help="average weight bits per weight, e.g. 3.5")
     plan_bits.add_argument("--widths", type=int, nargs="+", default=[2, 3, 4],
                            help="candidate widths (default 2 3 4; add 8 or 16 (unquantized) for wider units)")
-    plan_bits.add_argument("--sensitivity", choices=("qig", "entropy", "uniform"), default="qig",
-                           help="qig (default), entropy (LUQ) or uniform (one width)")
+    plan_bits.add_argument("--sensitivity", choices=("qig", "discrepancy", "entropy", "uniform"),
+                           default="qig", help="qig (default), discrepancy (qig's forward-only control), entropy (LUQ) "
+                                               "or uniform (one width)")
     plan_bits.add_argument("--method", choices=tuple(QUANTIZING_MODIFIERS), default="qig-gptq",
                            help="the recipe's modifier (default qig-gptq)")
     plan_bits.add_argument("--group-size", type=int, default=64, help="quantization group of every width (default 64)")

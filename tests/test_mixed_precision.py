@@ -144,7 +144,8 @@ def test_plan_bits_refuses_bad_input_before_loading_anything(arguments, message,
 def test_qig_costs_are_each_blocks_discrepancy_relative_to_the_residual_stream(tiny_llama_dir):
     """One scale for every unit: a token-wise unit's cost is its block's output discrepancy over the residual's RMS,
     summed over tokens; attention's (QIG shares of the same total) lies between that total over the largest and
-    over the smallest residual RMS. (Raw QIG scores are on a different scale for attention than for MLPs.)"""
+    over the smallest residual RMS. (Raw QIG scores are on a different scale for attention than for MLPs.) The
+    ``discrepancy`` control is the first form for every unit."""
     from compressed_tensors.quantization import QuantizationArgs
 
     from qig_plugin.attribution import block_discrepancy
@@ -153,6 +154,7 @@ def test_qig_costs_are_each_blocks_discrepancy_relative_to_the_residual_stream(t
     model = load_tiny_llama(tiny_llama_dir)
     batches = rows(2)
     plan = plan_mixed_precision(model, batches, budget_bits=3.5, widths=(3, 8), sensitivity="qig")
+    control = plan_mixed_precision(model, batches, budget_bits=3.5, widths=(3, 8), sensitivity="discrepancy")
     units, group_of = quant_units(model)
     _, layers = decoder_layers(model)
     args3 = QuantizationArgs(num_bits=3, type="int", symmetric=True, strategy="group", group_size=64)
@@ -183,6 +185,7 @@ def test_qig_costs_are_each_blocks_discrepancy_relative_to_the_residual_stream(t
     for handle in handles:
         handle.remove()
     for name, (relative, low, high) in expected.items():
+        assert control.costs[name][3] == pytest.approx(relative, rel=1e-4), name  # forward only, every unit
         cost = plan.costs[name][3]
         if "self_attn.{" in name:  # attention: QIG shares of the total
             assert low * 0.999 <= cost <= high * 1.001, name

@@ -9,7 +9,9 @@ Sensitivities:
 - ``qig``: the unit's QIG attribution: its block's quantization discrepancy with only the unit's linears at that
   width, split over the input tokens by their QIG scores (:func:`~qig_plugin.attribution.attribute_block`, the
   entry point every QIG modifier uses) and taken relative to the residual stream at each token, summed over
-  every calibration token (see :func:`_qig_costs`);
+  every calibration token (see :func:`_discrepancy_costs`);
+- ``discrepancy``: the same without attribution, each output token's own discrepancy relative to the residual
+  stream: forward only, the control that shows what QIG's token shares add;
 - ``entropy``: LUQ's criterion: the Shannon entropy of the unit's input activations (a low-entropy layer
   tolerates fewer bits), times the unit's weights and the quantization noise power ``4^-bits``;
 - ``uniform``: no measurement; every unit at the widest candidate width within the budget.
@@ -49,7 +51,7 @@ from qig_plugin.modifiers.language_model import decoder_layers
 
 __all__ = ["MixedPrecisionPlan", "Sensitivity", "plan_mixed_precision", "quant_units"]
 
-Sensitivity = Literal["qig", "entropy", "uniform"]
+Sensitivity = Literal["qig", "discrepancy", "entropy", "uniform"]
 UNQUANTIZED = 16  # the candidate width that keeps a unit in 16-bit floating point
 ENTROPY_BINS = 256
 
@@ -149,15 +151,16 @@ def plan_mixed_precision(
     candidates = sorted(set(widths))
     if not candidates or any(not (1 <= bits <= 8 or bits == UNQUANTIZED) for bits in candidates):
         raise ValueError(f"candidate widths must be 1 to 8 bits, or {UNQUANTIZED} (unquantized), got {list(widths)}")
-    if sensitivity not in ("qig", "entropy", "uniform"):
-        raise ValueError(f"unknown sensitivity {sensitivity!r}: use qig, entropy or uniform")
+    if sensitivity not in ("qig", "discrepancy", "entropy", "uniform"):
+        raise ValueError(f"unknown sensitivity {sensitivity!r}: use qig, discrepancy, entropy or uniform")
     check_budget(budget_bits, candidates)
     units, group_of = quant_units(model)
     if sensitivity == "uniform":
         widest = max(bits for bits in candidates if bits <= budget_bits)
         return MixedPrecisionPlan(units, dict.fromkeys((u.name for u in units), widest), sensitivity, budget_bits,
                                   group_size)
-    measure = _qig_costs if sensitivity == "qig" else _entropy_costs
+    measure = {"qig": partial(_discrepancy_costs, attribute=True), "discrepancy": _discrepancy_costs,
+               "entropy": _entropy_costs}[sensitivity]
     costs = measure(model, batches, units, group_of, candidates, group_size, settings or QIGSettings(), progress)
     return MixedPrecisionPlan(units, allocate_widths(units, costs, budget_bits), sensitivity, budget_bits,
                               group_size, costs)
@@ -197,9 +200,9 @@ def _run_with_block_hooks(model, batches, group_of, on_block_call, progress) -> 
             handle.remove()
 
 
-def _qig_costs(model, batches, units, group_of, candidates, group_size, settings, progress):
+def _discrepancy_costs(model, batches, units, group_of, candidates, group_size, settings, progress, attribute=False):
     """Unit -> {width: its block's quantization discrepancy, only the unit quantized, relative to the residual
-    stream, summed over the tokens that QIG holds responsible}.
+    stream, summed over the tokens that QIG holds responsible (``attribute``), or over the output tokens}.
 
     Per call: ``D``, the block's output discrepancy summed over tokens, is split over the input tokens in
     proportion to their QIG scores ``s_t`` (completeness: the attributions sum to ``D``; the scores' own scale
@@ -213,16 +216,18 @@ def _qig_costs(model, batches, units, group_of, candidates, group_size, settings
     caches = {bits: AttributionCache() for bits in candidates}
     costs = {unit.name: dict.fromkeys(candidates, 0.0) for unit in units}
 
-    def attribute(name, group, args, kwargs, residual_rms):
+    def measure(name, group, args, kwargs, residual_rms):
         for bits in weight_args:  # 16 bits: Q(W) = W, no discrepancy
             unit_args = dict.fromkeys(group.linears, weight_args[bits])
-            scores = attribute_block(group.block, args, kwargs, unit_args, settings, input_linears=group.linears,
-                                     cache=caches[bits]).scores
-            totals = block_discrepancy(group.block, args, kwargs, unit_args, caches[bits]).sum(dim=-1, keepdim=True)
-            shares = scores / scores.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
-            costs[name][bits] += float((totals * shares / residual_rms.clamp_min(1e-6)).sum())
+            per_token = block_discrepancy(group.block, args, kwargs, unit_args, caches[bits])
+            if attribute:
+                scores = attribute_block(group.block, args, kwargs, unit_args, settings,
+                                         input_linears=group.linears, cache=caches[bits]).scores
+                shares = scores / scores.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
+                per_token = per_token.sum(dim=-1, keepdim=True) * shares
+            costs[name][bits] += float((per_token / residual_rms.clamp_min(1e-6)).sum())
 
-    _run_with_block_hooks(model, batches, group_of, attribute, progress)
+    _run_with_block_hooks(model, batches, group_of, measure, progress)
     return costs
 
 
