@@ -493,6 +493,40 @@ def plot(summaries: dict, path: Path, title: str) -> None:
     figure.savefig(path, dpi=110)
 
 
+def plot_bits_curve(summaries: dict, path: Path, title: str) -> bool:
+    """Quality against average weight bits of the VLM's mixed-precision allocations (each at its budget) beside
+    uniform GPTQ at 3 and 4 bits (W3A16, W4A16); False when there are no mixed cells."""
+    mixed = {(scheme, method) for model_kind, scheme, method in summaries if model_kind == "vlm" and method in MIXED}
+    if not mixed:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    uniform = [(bits, ("vlm", scheme, "gptq")) for bits, scheme in ((3, "w3a16"), (4, "w4a16"))]
+    lines = {"uniform width (GPTQ)": [(bits, key) for bits, key in uniform if key in summaries]}
+    for method in MIXED:
+        if method != "mixed_uniform":  # uniform within a budget is the 3-bit point above
+            lines[method] = sorted((BUDGETS[scheme], ("vlm", scheme, method)) for scheme, m in mixed if m == method)
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for axis, metric, label in zip(axes, ("kl_all", "vqa_accuracy"), ("KL(FP || Q), lower is better",
+                                                                    "easy-VQA accuracy, higher is better")):
+        for name, points in lines.items():
+            if points:
+                values = np.array([summaries[key][metric] for _, key in points])
+                bits = [b for b, _ in points]
+                axis.errorbar(bits, values[:, 0], yerr=[values[:, 0] - values[:, 1], values[:, 2] - values[:, 0]],
+                              marker="o", capsize=3, label=name)
+        axis.set_xlabel("average weight bits (scales not counted)")
+        axis.set_title(label, fontsize=9)
+        axis.legend(fontsize=8)
+    figure.suptitle(f"mixed precision, run by GPTQ; {title}", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    return True
+
+
 # ---------------------------------------------------------------- driver
 
 
@@ -605,6 +639,7 @@ def run_grid(args, cells_dir: Path, scratch: Path, stem: str) -> None:
     }, indent=1) + "\n")
     (RESULTS / f"{stem}.md").write_text(table)
     plot(summaries, RESULTS / f"{stem}.png", header)
+    plot_bits_curve(summaries, RESULTS / f"{stem}_bits.png", header)
     print("\n" + table)
     print(f"total {time.perf_counter() - started:.0f} s")
 
