@@ -70,6 +70,7 @@ CHILD_TIMEOUT_S = 5400
 ALL_SCHEMES = ("w3a16", "w4a16", "w4a8", "w8a8")
 # mixed precision: an average-bits budget instead of a scheme (weight-only, int, symmetric, group 64)
 BUDGETS = {"bits3.0": 3.0, "bits3.5": 3.5}
+UNIFORM_FOR_BUDGET = {"bits3.0": "w3a16", "bits3.5": "w3a16"}  # the nearest uniform width within each budget
 MIXED_WIDTHS = (2, 3, 4)  # plan_mixed_precision's default (8 lost at both budgets on validation records)
 PLAN_SAMPLES = 32  # calibration records the sensitivity is measured on
 WEIGHT_ACTIVATION = ("w4a8", "w8a8")
@@ -406,12 +407,15 @@ def ratios_to_best_stock(cells: dict) -> list[dict]:
     rows = []
     for model_kind, scheme in sorted({(m, s) for m, s, _ in cells}):
         present = {k: pooled(c) for (m, s, k), c in cells.items() if (m, s) == (model_kind, scheme)}
-        stock = [k for k in present if k in STOCK and k != "rtn"]
+        uniform = (model_kind, UNIFORM_FOR_BUDGET.get(scheme), "gptq")
+        if uniform in cells:  # a budget's stock recipes include GPTQ at the nearest uniform width
+            present[f"gptq_{uniform[1]}"] = pooled(cells[uniform])
+        stock = [k for k in present if (k in STOCK or k.startswith("gptq_")) and k != "rtn"]
         if not stock:
             continue
         best = min(stock, key=lambda k: np.mean(present[k]["kl_all"]))
         for method, metrics in present.items():
-            if method in STOCK:
+            if method in stock or method == "rtn":
                 continue
             row = {"model": model_kind, "scheme": scheme, "method": method, "best_stock": best}
             for metric in ("kl_all", "kl_answer", "text_kl"):
