@@ -237,9 +237,9 @@ def mixed_recipe(model, dataset, method: str, scheme: str) -> str:
     batches = [batch_one_collator([row]) for row in dataset.select(range(min(PLAN_SAMPLES, len(dataset))))]
     plan = plan_mixed_precision(model, batches, BUDGETS[scheme], MIXED_WIDTHS, METHODS[method][2]["sensitivity"])
     widths = list(plan.widths.values())
-    print(f"{method} {scheme}: {plan.average_bits:.3f} bits per weight; units per width "
-          f"{ {bits: widths.count(bits) for bits in MIXED_WIDTHS} }", file=sys.stderr)
-    return plan.recipe("GPTQModifier")
+    allocation = {"average_bits": round(plan.average_bits, 4),
+                  "units_per_width": {str(bits): widths.count(bits) for bits in MIXED_WIDTHS}}
+    return plan.recipe("GPTQModifier"), allocation
 
 
 # ---------------------------------------------------------------- data
@@ -347,13 +347,14 @@ def run_cell(model_kind: str, scheme: str, method: str, samples: int, seed: int,
     torch.manual_seed(seed)
     model, processor = load_model_and_processor(model_kind)
     dataset = build_calibration_dataset(records_of(model_kind, "calibration", samples, seed, processor), processor)
-    recipe = mixed_recipe(model, dataset, method, scheme) if method in MIXED else build_modifiers(method, scheme)
+    recipe, allocation = mixed_recipe(model, dataset, method, scheme) if method in MIXED else (
+        build_modifiers(method, scheme), {})
     seconds = calibrate(model, processor, recipe, dataset)
     sets = evaluation_sets(model_kind, split, processor)
     return {
         "model": model_kind, "scheme": scheme, "method": method, "samples": samples, "seed": seed, "split": split,
         "calibration_tokens": int(sum(len(ids) for ids in dataset["input_ids"])),
-        "calibration_s": round(seconds, 1),
+        "calibration_s": round(seconds, 1), **allocation,
         "per_sample": sample_metrics(torch.load(reference_path), model_outputs(model, processor, sets), sets),
     }
 
