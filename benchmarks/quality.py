@@ -109,6 +109,13 @@ VARIANTS = {
 WEIGHTINGS = ("power2", "sqrt", "half_uniform")
 VARIANTS.update({f"qig_gptq_{shape}": ("qig_gptq_{scheme}", {"QIGGPTQModifier": f"{shape}:QIGGPTQModifier"}, {},
                                        ALL_SCHEMES) for shape in WEIGHTINGS})
+# end-loss guidance (see end_loss_variants): token weights from the Fisher of the end output at each decoder
+# layer, alone (a control) or times QIG's
+END_LOSS = {"fisher_gptq": ("qig_gptq_{scheme}", {"QIGGPTQModifier": "fisher:QIGGPTQModifier"}, {}, ALL_SCHEMES),
+            "qig_fisher_gptq": ("qig_gptq_{scheme}", {"QIGGPTQModifier": "qig_fisher:QIGGPTQModifier"}, {},
+                                ALL_SCHEMES)}
+VARIANTS.update(END_LOSS)
+FISHER_LABEL_DRAWS = 2
 METHODS.update(VARIANTS)
 # mixed precision (qig plan-bits): each allocation's plan on the cell's own calibration records, run by stock GPTQ
 # so that only the allocation differs; uniform is every linear at the widest width within the budget
@@ -195,6 +202,83 @@ def weighting_variants(qig_gptq: type) -> dict[str, type]:
                                              {"qig_weights": shapes[shape]}) for shape in WEIGHTINGS}
 
 
+def end_loss_variants(qig_gptq: type) -> dict[str, type]:
+    """``"{kind}:QIGGPTQModifier"`` -> QIG-GPTQ whose token scores are multiplied by the end-loss Fisher weight of
+    the block's decoder layer, read from the batch's ``loss_mask`` (``[1, seq, layers]``, see
+    :func:`with_end_loss_column`): ``fisher`` on uniform scores (the control), ``qig_fisher`` on QIG's."""
+    import re
+
+    from llmcompressor.core import active_session
+
+    layer_of = {}  # block -> index of its decoder layer
+
+    def scored(use_qig):
+        def qig_scores(self, block, weight_args, args, kwargs, baseline_args=None, input_linears=()):
+            from qig_plugin.attribution import block_input
+
+            state = active_session().state
+            if block not in layer_of:
+                name = next(n for n, m in state.model.named_modules() if m is block)
+                layer_of[block] = int(re.search(r"layers\.(\d+)\.", name).group(1))
+            fisher = state.loss_masks[state.current_batch_idx][..., layer_of[block]].float()
+            base = (qig_gptq.qig_scores(self, block, weight_args, args, kwargs, baseline_args, input_linears)
+                    if use_qig else torch.ones(block_input(args, kwargs)[1].shape[:2]))
+            return base * fisher.to(base.device)
+        return qig_scores
+
+    return {f"{kind}:QIGGPTQModifier": type(f"{kind.title().replace('_', '')}QIGGPTQModifier", (qig_gptq,),
+                                            {"qig_scores": scored(kind == "qig_fisher")})
+            for kind in ("fisher", "qig_fisher")}
+
+
+def with_end_loss_column(model, dataset, draws: int = FISHER_LABEL_DRAWS, seed: int = 0):
+    """``dataset`` with its ``loss_mask`` replaced by each token's end-loss Fisher weight per decoder layer,
+    ``[seq, layers]``: ``mean_k ||d log p(y_k) / d h_l||^2`` summed over every position's label ``y_k`` drawn from
+    the full-precision model's own next-token distribution (``draws`` draws), ``h_l`` the layer's output at the
+    token. Its expectation is the diagonal of the Fisher that the KL to the parent grows with, per token."""
+    from qig_plugin.data import batch_one_collator
+    from qig_plugin.modifiers.language_model import decoder_layers
+
+    _, layers = decoder_layers(model)
+    generator = torch.Generator().manual_seed(seed)
+    saved = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    outputs: list[torch.Tensor] = []
+
+    def entry(_layer, args, kwargs):
+        return (args[0].detach().requires_grad_(True), *args[1:]), kwargs
+
+    def keep(_layer, _args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        hidden.retain_grad()
+        outputs.append(hidden)
+
+    handles = [layers[0].register_forward_pre_hook(entry, with_kwargs=True)]
+    handles += [layer.register_forward_hook(keep) for layer in layers]
+    columns = []
+    try:
+        for row in dataset:
+            batch = batch_one_collator([{k: v for k, v in row.items() if k != "loss_mask"}])
+            outputs.clear()
+            with torch.enable_grad():
+                log_probs = model(**batch, use_cache=False).logits.float().log_softmax(dim=-1)[0]
+                energy = torch.zeros(log_probs.shape[0], len(layers))
+                for _ in range(draws):
+                    labels = torch.multinomial(log_probs.detach().exp(), 1, generator=generator)
+                    for hidden in outputs:
+                        hidden.grad = None
+                    log_probs.gather(-1, labels).sum().backward(retain_graph=True)
+                    energy += torch.stack([h.grad[0].float().square().sum(dim=-1) for h in outputs], dim=-1)
+            columns.append((energy / draws).numpy())
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p, flag in saved.items():
+            p.requires_grad_(flag)
+    return dataset.remove_columns("loss_mask").add_column("loss_mask", [c.tolist() for c in columns])
+
+
 def build_modifiers(method: str, scheme: str) -> list:
     """The method's modifiers for ``scheme``: the shipped recipe, with class swaps and field overrides."""
     from llmcompressor.modifiers.autoround import AutoRoundModifier
@@ -216,6 +300,7 @@ def build_modifiers(method: str, scheme: str) -> list:
                                              QIGGPTQModifier, QIGSmoothQuantModifier)}
     classes.update(control_modifiers(classes))
     classes.update(weighting_variants(QIGGPTQModifier))
+    classes.update(end_loss_variants(QIGGPTQModifier))
     recipe, swaps, overrides, _ = METHODS[method]
     stages = yaml.safe_load((RECIPES / f"{recipe.format(scheme=scheme)}.yaml").read_text())
     modifiers = []
@@ -349,7 +434,11 @@ def run_cell(model_kind: str, scheme: str, method: str, samples: int, seed: int,
     dataset = build_calibration_dataset(records_of(model_kind, "calibration", samples, seed, processor), processor)
     recipe, allocation = mixed_recipe(model, dataset, method, scheme) if method in MIXED else (
         build_modifiers(method, scheme), {})
-    seconds = calibrate(model, processor, recipe, dataset)
+    start = time.perf_counter()
+    if method in END_LOSS:
+        dataset = with_end_loss_column(model, dataset, seed=seed)
+    seconds = time.perf_counter() - start + calibrate(model, processor, recipe, dataset,
+                                                      use_loss_mask=method in END_LOSS)
     sets = evaluation_sets(model_kind, split, processor)
     return {
         "model": model_kind, "scheme": scheme, "method": method, "samples": samples, "seed": seed, "split": split,

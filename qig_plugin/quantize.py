@@ -81,7 +81,9 @@ def calibrate(
 ) -> float:
     """Run llm-compressor's ``oneshot`` on ``model`` in place, layer by layer; return its wall time in seconds.
 
-    Stock AWQ runs too on CPU-only torch (its cached batches are not pinned there).
+    Stock AWQ runs too on CPU-only torch (its cached batches are not pinned there). AutoRound leaves every layer it
+    tuned in bfloat16 (its mixed precision); the model's own parameters get their dtypes back, so that it runs on
+    its usual activations afterwards.
 
     :param model: the model, loaded from a saved folder (``oneshot`` re-reads its config)
     :param processor: its processor (or tokenizer)
@@ -93,6 +95,7 @@ def calibrate(
     if len(dataset) == 0:
         raise ValueError("the calibration dataset is empty: give at least one sample")
     layers_name, layers = decoder_layers(model)
+    dtypes = {parameter: parameter.dtype for parameter in model.parameters()}
     start = time.perf_counter()
     with finite_activations(layers, layers_name), unpinned_caches_without_accelerator():
         oneshot(
@@ -106,6 +109,9 @@ def calibrate(
             pipeline="sequential",
             use_loss_mask=use_loss_mask,
         )
+    for parameter, dtype in dtypes.items():
+        if parameter.dtype != dtype:
+            parameter.data = parameter.data.to(dtype)
     return time.perf_counter() - start
 
 

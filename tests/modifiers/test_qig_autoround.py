@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 
 import qig_plugin  # noqa: F401  (registers the modifiers)
 from qig_plugin.modifiers import QIGAutoRoundModifier
-from qig_plugin.quantize import quantize_to_checkpoint
+from qig_plugin.data import batch_one_collator
+from qig_plugin.quantize import calibrate, quantize_to_checkpoint
 from qig_plugin.upstream import weighted_block_loss
 from tests.modifiers.test_architectures import check_text_model_checkpoint
 from tests.modifiers.tiny_llama import calibrate_tiny_llama
@@ -98,3 +99,15 @@ def test_qig_autoround_quantizes_the_text_model_of_two_families(builder, tmp_pat
     layers = tiny.model.config.get_text_config().num_hidden_layers
     assert len(recorded_weights) == layers and all(len(layer) == len(tiny.dataset) for layer in recorded_weights)
     check_text_model_checkpoint(output, layers)
+
+
+def test_calibrate_gives_the_layers_autoround_tuned_their_dtype_back(tmp_path):
+    """AutoRound leaves each tuned layer in bfloat16; after ``calibrate`` the model runs on float32 inputs again."""
+    tiny = tiny_idefics3(tmp_path / "model")
+    dtypes = {name: parameter.dtype for name, parameter in tiny.model.named_parameters()}
+    calibrate(tiny.model, tiny.processor, [AutoRoundModifier(**{**AUTOROUND, "ignore": tiny.ignore})], tiny.dataset)
+
+    assert {name: parameter.dtype for name, parameter in tiny.model.named_parameters() if name in dtypes} == dtypes
+    batch = batch_one_collator([{k: v for k, v in tiny.dataset[0].items() if k != "loss_mask"}])
+    with torch.no_grad():
+        assert torch.isfinite(tiny.model(**batch).logits).all()
