@@ -113,7 +113,9 @@ VARIANTS.update({f"qig_gptq_{shape}": ("qig_gptq_{scheme}", {"QIGGPTQModifier": 
 # layer, alone (a control) or times QIG's
 END_LOSS = {"fisher_gptq": ("qig_gptq_{scheme}", {"QIGGPTQModifier": "fisher:QIGGPTQModifier"}, {}, ALL_SCHEMES),
             "qig_fisher_gptq": ("qig_gptq_{scheme}", {"QIGGPTQModifier": "qig_fisher:QIGGPTQModifier"}, {},
-                                ALL_SCHEMES)}
+                                ALL_SCHEMES),
+            "fisher_linear_gptq": ("qig_gptq_{scheme}", {"QIGGPTQModifier": "fisher_linear:QIGGPTQModifier"}, {},
+                                   ALL_SCHEMES)}
 VARIANTS.update(END_LOSS)
 FISHER_LABEL_DRAWS = 2
 METHODS.update(VARIANTS)
@@ -226,20 +228,41 @@ def end_loss_variants(qig_gptq: type) -> dict[str, type]:
             return base * fisher.to(base.device)
         return qig_scores
 
-    return {f"{kind}:QIGGPTQModifier": type(f"{kind.title().replace('_', '')}QIGGPTQModifier", (qig_gptq,),
-                                            {"qig_scores": scored(kind == "qig_fisher")})
-            for kind in ("fisher", "qig_fisher")}
+    column_of = {}  # linear -> its column of the per-linear Fisher weights
+
+    def linear_group_weights(self, group, args, kwargs):
+        from qig_plugin.attribution import block_input
+        from qig_plugin.modifiers.language_model import decoder_layers
+
+        state = active_session().state
+        if not column_of:
+            linears = [m for layer in decoder_layers(state.model)[1] for m in layer.modules()
+                       if isinstance(m, torch.nn.Linear)]
+            column_of.update((linear, index) for index, linear in enumerate(linears))
+        fisher = state.loss_masks[state.current_batch_idx].float()
+        keep = self.token_mask(block_input(args, kwargs)[1], kwargs)
+        return {linear: self.qig_weights(fisher[..., column_of[linear]], keep) for linear in group.linears}
+
+    variants = {f"{kind}:QIGGPTQModifier": type(f"{kind.title().replace('_', '')}QIGGPTQModifier", (qig_gptq,),
+                                                {"qig_scores": scored(kind == "qig_fisher")})
+                for kind in ("fisher", "qig_fisher")}
+    variants["fisher_linear:QIGGPTQModifier"] = type("FisherLinearQIGGPTQModifier", (qig_gptq,),
+                                                     {"group_weights": linear_group_weights})
+    return variants
 
 
-def with_end_loss_column(model, dataset, draws: int = FISHER_LABEL_DRAWS, seed: int = 0):
+def with_end_loss_column(model, dataset, per_linear: bool = False, draws: int = FISHER_LABEL_DRAWS, seed: int = 0):
     """``dataset`` with its ``loss_mask`` replaced by each token's end-loss Fisher weight per decoder layer,
-    ``[seq, layers]``: ``mean_k ||d log p(y_k) / d h_l||^2`` summed over every position's label ``y_k`` drawn from
-    the full-precision model's own next-token distribution (``draws`` draws), ``h_l`` the layer's output at the
-    token. Its expectation is the diagonal of the Fisher that the KL to the parent grows with, per token."""
+    ``[seq, layers]`` (``per_linear``: per linear of the decoder layers, in module order, ``[seq, linears]``):
+    ``mean_k ||d log p(y_k) / d h||^2`` summed over every position's label ``y_k`` drawn from the full-precision
+    model's own next-token distribution (``draws`` draws), ``h`` the layer's (linear's) output at the token. Its
+    expectation is the diagonal of the Fisher that the KL to the parent grows with, per token."""
     from qig_plugin.data import batch_one_collator
     from qig_plugin.modifiers.language_model import decoder_layers
 
     _, layers = decoder_layers(model)
+    watched = [m for layer in layers for m in layer.modules() if isinstance(m, torch.nn.Linear)] if per_linear \
+        else list(layers)
     generator = torch.Generator().manual_seed(seed)
     saved = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
@@ -255,7 +278,7 @@ def with_end_loss_column(model, dataset, draws: int = FISHER_LABEL_DRAWS, seed: 
         outputs.append(hidden)
 
     handles = [layers[0].register_forward_pre_hook(entry, with_kwargs=True)]
-    handles += [layer.register_forward_hook(keep) for layer in layers]
+    handles += [module.register_forward_hook(keep) for module in watched]
     columns = []
     try:
         for row in dataset:
@@ -263,7 +286,7 @@ def with_end_loss_column(model, dataset, draws: int = FISHER_LABEL_DRAWS, seed: 
             outputs.clear()
             with torch.enable_grad():
                 log_probs = model(**batch, use_cache=False).logits.float().log_softmax(dim=-1)[0]
-                energy = torch.zeros(log_probs.shape[0], len(layers))
+                energy = torch.zeros(log_probs.shape[0], len(watched))
                 for _ in range(draws):
                     labels = torch.multinomial(log_probs.detach().exp(), 1, generator=generator)
                     for hidden in outputs:
@@ -436,7 +459,7 @@ def run_cell(model_kind: str, scheme: str, method: str, samples: int, seed: int,
         build_modifiers(method, scheme), {})
     start = time.perf_counter()
     if method in END_LOSS:
-        dataset = with_end_loss_column(model, dataset, seed=seed)
+        dataset = with_end_loss_column(model, dataset, per_linear=method == "fisher_linear_gptq", seed=seed)
     seconds = time.perf_counter() - start + calibrate(model, processor, recipe, dataset,
                                                       use_loss_mask=method in END_LOSS)
     sets = evaluation_sets(model_kind, split, processor)
