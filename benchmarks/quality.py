@@ -115,7 +115,9 @@ END_LOSS = {"fisher_gptq": ("qig_gptq_{scheme}", {"QIGGPTQModifier": "fisher:QIG
             "qig_fisher_gptq": ("qig_gptq_{scheme}", {"QIGGPTQModifier": "qig_fisher:QIGGPTQModifier"}, {},
                                 ALL_SCHEMES),
             "fisher_linear_gptq": ("qig_gptq_{scheme}", {"QIGGPTQModifier": "fisher_linear:QIGGPTQModifier"}, {},
-                                   ALL_SCHEMES)}
+                                   ALL_SCHEMES),
+            "qig_fisher_mean_gptq": ("qig_gptq_{scheme}", {"QIGGPTQModifier": "qig_fisher_mean:QIGGPTQModifier"},
+                                     {}, ALL_SCHEMES)}
 VARIANTS.update(END_LOSS)
 FISHER_LABEL_DRAWS = 2
 METHODS.update(VARIANTS)
@@ -207,26 +209,38 @@ def weighting_variants(qig_gptq: type) -> dict[str, type]:
 def end_loss_variants(qig_gptq: type) -> dict[str, type]:
     """``"{kind}:QIGGPTQModifier"`` -> QIG-GPTQ whose token scores are multiplied by the end-loss Fisher weight of
     the block's decoder layer, read from the batch's ``loss_mask`` (``[1, seq, layers]``, see
-    :func:`with_end_loss_column`): ``fisher`` on uniform scores (the control), ``qig_fisher`` on QIG's."""
+    :func:`with_end_loss_column`): ``fisher`` on uniform scores (the control), ``qig_fisher`` on QIG's;
+    ``fisher_linear``: each linear's own column of per-linear Fisher weights; ``qig_fisher_mean``: the mean of
+    QIG's token weights and the layer's Fisher weights."""
     import re
 
     from llmcompressor.core import active_session
 
     layer_of = {}  # block -> index of its decoder layer
 
+    def layer_fisher(block):  # [batch, seq] Fisher weights of the block's decoder layer on this batch
+        state = active_session().state
+        if block not in layer_of:
+            name = next(n for n, m in state.model.named_modules() if m is block)
+            layer_of[block] = int(re.search(r"layers\.(\d+)\.", name).group(1))
+        return state.loss_masks[state.current_batch_idx][..., layer_of[block]].float()
+
     def scored(use_qig):
         def qig_scores(self, block, weight_args, args, kwargs, baseline_args=None, input_linears=()):
             from qig_plugin.attribution import block_input
 
-            state = active_session().state
-            if block not in layer_of:
-                name = next(n for n, m in state.model.named_modules() if m is block)
-                layer_of[block] = int(re.search(r"layers\.(\d+)\.", name).group(1))
-            fisher = state.loss_masks[state.current_batch_idx][..., layer_of[block]].float()
             base = (qig_gptq.qig_scores(self, block, weight_args, args, kwargs, baseline_args, input_linears)
                     if use_qig else torch.ones(block_input(args, kwargs)[1].shape[:2]))
-            return base * fisher.to(base.device)
+            return base * layer_fisher(block).to(base.device)
         return qig_scores
+
+    def mean_group_weights(self, group, args, kwargs):  # halfway between QIG's weights and the Fisher's
+        from qig_plugin.attribution import block_input
+
+        keep = self.token_mask(block_input(args, kwargs)[1], kwargs)
+        fisher = self.qig_weights(layer_fisher(group.block), keep)
+        return {linear: (weights + fisher.to(weights.device)) / 2
+                for linear, weights in qig_gptq.group_weights(self, group, args, kwargs).items()}
 
     column_of = {}  # linear -> its column of the per-linear Fisher weights
 
@@ -248,6 +262,8 @@ def end_loss_variants(qig_gptq: type) -> dict[str, type]:
                 for kind in ("fisher", "qig_fisher")}
     variants["fisher_linear:QIGGPTQModifier"] = type("FisherLinearQIGGPTQModifier", (qig_gptq,),
                                                      {"group_weights": linear_group_weights})
+    variants["qig_fisher_mean:QIGGPTQModifier"] = type("QigFisherMeanQIGGPTQModifier", (qig_gptq,),
+                                                       {"group_weights": mean_group_weights})
     return variants
 
 
