@@ -212,50 +212,37 @@ def end_loss_variants(qig_gptq: type) -> dict[str, type]:
     :func:`with_end_loss_column`): ``fisher`` on uniform scores (the control), ``qig_fisher`` on QIG's;
     ``fisher_linear``: each linear's own column of per-linear Fisher weights; ``qig_fisher_mean``: the mean of
     QIG's token weights and the layer's Fisher weights."""
-    import re
-
     from llmcompressor.core import active_session
 
-    layer_of = {}  # block -> index of its decoder layer
+    from qig_plugin.attribution import block_input
+    from qig_plugin.modifiers.language_model import decoder_layers
 
-    def layer_fisher(block):  # [batch, seq] Fisher weights of the block's decoder layer on this batch
+    column_of = {}  # module inside a decoder layer -> its layer's column; each linear of them -> its own column
+
+    def batch_fisher(module, per_linear=False):  # [batch, seq] Fisher weights of the module on this batch
         state = active_session().state
-        if block not in layer_of:
-            name = next(n for n, m in state.model.named_modules() if m is block)
-            layer_of[block] = int(re.search(r"layers\.(\d+)\.", name).group(1))
-        return state.loss_masks[state.current_batch_idx][..., layer_of[block]].float()
+        if not column_of:
+            layers = decoder_layers(state.model)[1]
+            column_of.update((("layer", m), index) for index, layer in enumerate(layers) for m in layer.modules())
+            column_of.update((("linear", m), index) for index, m in enumerate(decoder_linears(layers)))
+        column = column_of["linear" if per_linear else "layer", module]
+        return state.loss_masks[state.current_batch_idx][..., column].float()
 
     def scored(use_qig):
         def qig_scores(self, block, weight_args, args, kwargs, baseline_args=None, input_linears=()):
-            from qig_plugin.attribution import block_input
-
             base = (qig_gptq.qig_scores(self, block, weight_args, args, kwargs, baseline_args, input_linears)
                     if use_qig else torch.ones(block_input(args, kwargs)[1].shape[:2]))
-            return base * layer_fisher(block).to(base.device)
+            return base * batch_fisher(block).to(base.device)
         return qig_scores
 
     def mean_group_weights(self, group, args, kwargs):  # halfway between QIG's weights and the Fisher's
-        from qig_plugin.attribution import block_input
-
-        keep = self.token_mask(block_input(args, kwargs)[1], kwargs)
-        fisher = self.qig_weights(layer_fisher(group.block), keep)
+        fisher = self.qig_weights(batch_fisher(group.block), self.token_mask(block_input(args, kwargs)[1], kwargs))
         return {linear: (weights + fisher.to(weights.device)) / 2
                 for linear, weights in qig_gptq.group_weights(self, group, args, kwargs).items()}
 
-    column_of = {}  # linear -> its column of the per-linear Fisher weights
-
     def linear_group_weights(self, group, args, kwargs):
-        from qig_plugin.attribution import block_input
-        from qig_plugin.modifiers.language_model import decoder_layers
-
-        state = active_session().state
-        if not column_of:
-            linears = [m for layer in decoder_layers(state.model)[1] for m in layer.modules()
-                       if isinstance(m, torch.nn.Linear)]
-            column_of.update((linear, index) for index, linear in enumerate(linears))
-        fisher = state.loss_masks[state.current_batch_idx].float()
         keep = self.token_mask(block_input(args, kwargs)[1], kwargs)
-        return {linear: self.qig_weights(fisher[..., column_of[linear]], keep) for linear in group.linears}
+        return {linear: self.qig_weights(batch_fisher(linear, per_linear=True), keep) for linear in group.linears}
 
     variants = {f"{kind}:QIGGPTQModifier": type(f"{kind.title().replace('_', '')}QIGGPTQModifier", (qig_gptq,),
                                                 {"qig_scores": scored(kind == "qig_fisher")})
@@ -265,6 +252,11 @@ def end_loss_variants(qig_gptq: type) -> dict[str, type]:
     variants["qig_fisher_mean:QIGGPTQModifier"] = type("QigFisherMeanQIGGPTQModifier", (qig_gptq,),
                                                        {"group_weights": mean_group_weights})
     return variants
+
+
+def decoder_linears(layers) -> list[torch.nn.Linear]:
+    """Every linear of the decoder layers, in module order: the columns of the per-linear Fisher weights."""
+    return [m for layer in layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
 
 
 def with_end_loss_column(model, dataset, per_linear: bool = False, draws: int = FISHER_LABEL_DRAWS, seed: int = 0):
@@ -277,8 +269,7 @@ def with_end_loss_column(model, dataset, per_linear: bool = False, draws: int = 
     from qig_plugin.modifiers.language_model import decoder_layers
 
     _, layers = decoder_layers(model)
-    watched = [m for layer in layers for m in layer.modules() if isinstance(m, torch.nn.Linear)] if per_linear \
-        else list(layers)
+    watched = decoder_linears(layers) if per_linear else list(layers)
     generator = torch.Generator().manual_seed(seed)
     saved = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
