@@ -1,14 +1,17 @@
 """Calibration cost of QIG-GPTQ and QIG-AWQ against stock GPTQ and AWQ on the default model, side by side.
 
-    python benchmarks/speed.py [--sizes 16 64 256] [--exact-sizes 16 64] [--awq-sizes 16 64 256] [--repeats 1]
-                               [--flop-sizes 2 4] [--scheme w4a16] [--add]
+    python benchmarks/speed.py [--sizes 16 64 256] [--exact-sizes 16 64] [--awq-sizes 16 64 256] [--awq-layers N]
+                               [--repeats 1] [--flop-sizes 2 4] [--scheme w4a16] [--add]
 
 Every (method, size) runs in its own process on the first ``size`` records of the user-scale calibration set
 (``qig_plugin.data.user_scale.vlm_records("calibration")``, about 256 tokens each: 256 records are 64k+ tokens),
 ``--repeats`` times in interleaved order (stock, QIG, stock, QIG, ...), and reports the median and range of: the
 whole ``oneshot`` wall time; the decoder-layer time (from the moment text layer 1 first runs to the end, so that
 the unquantized vision tower, which runs in the first subgraph with layer 0, cannot hide QIG's cost); the time
-inside QIG's attribution; and the process's peak resident memory. QIG runs with the recipes' default attribution
+inside QIG's attribution; and the process's peak resident memory. ``--awq-layers N`` runs AWQ's and QIG-AWQ's
+scale search on text layers 1..N only (both twins on the same mappings; every layer is still quantized) and times
+those layers (from layer 1's first call to layer N+1's): all text layers share one shape, so the QIG/stock ratio
+is the whole model's, at a fraction of the time. QIG runs with the recipes' default attribution
 (``qig_attribution: fast``); ``--exact-sizes`` adds ``qig_attribution: exact`` (the paper's integrated gradients
 on every block). Seconds
 per extra calibration token come from the slope between the smallest and largest size. ``--flop-sizes`` counts, in
@@ -43,27 +46,41 @@ EXACT = {qig: f"{qig}@qig_attribution=exact" for qig in TWINS.values()}
 MEASURES = ("oneshot_s", "decoder_layers_s", "attribution_s", "peak_rss_gb")
 
 
-def recipe_path(method: str, scheme: str, scratch: Path) -> Path:
+def recipe_path(method: str, scheme: str, scratch: Path, awq_layers: int | None = None) -> Path:
     """``qig_plugin/recipes/{method}_{scheme}.yaml``; ``qig_gptq@field=value,...`` is that recipe with its QIG
-    modifier's fields changed (e.g. ``qig_gptq@qig_attribution=exact``)."""
+    modifier's fields changed (e.g. ``qig_gptq@qig_attribution=exact``). With ``awq_layers``, an AWQ-family
+    recipe searches scales on text layers 1..``awq_layers`` only (both twins get the stock recipe's mappings,
+    scoped to those layers); every layer is still quantized."""
     base, _, overrides = method.partition("@")
     path = shipped_recipe(f"{base}_{scheme}")
-    if not overrides:
+    awq_family = base in ("awq", "qig_awq")
+    if not overrides and not (awq_layers and awq_family):
         return path
     recipe = yaml.safe_load(path.read_text())
     modifiers = recipe["quant_stage"]["quant_modifiers"]
-    (qig_modifier,) = [name for name in modifiers if name.startswith("QIG")]
-    for assignment in overrides.split(","):
-        field, _, value = assignment.partition("=")
-        modifiers[qig_modifier][field] = yaml.safe_load(value)
-    patched = scratch / f"{base}_{abs(hash(overrides))}.yaml"
+    if overrides:
+        (qig_modifier,) = [name for name in modifiers if name.startswith("QIG")]
+        for assignment in overrides.split(","):
+            field, _, value = assignment.partition("=")
+            modifiers[qig_modifier][field] = yaml.safe_load(value)
+    if awq_layers and awq_family:
+        stock = yaml.safe_load(shipped_recipe(f"awq_{scheme}").read_text())["quant_stage"]["quant_modifiers"]
+        layers = "(?:" + "|".join(str(i) for i in range(1, awq_layers + 1)) + ")"
+        (awq_modifier,) = [name for name in modifiers if "AWQModifier" in name]
+        modifiers[awq_modifier]["mappings"] = [
+            {"smooth_layer": m["smooth_layer"].replace(r"\d+", layers),
+             "balance_layers": [b.replace(r"\d+", layers) for b in m["balance_layers"]]}
+            for m in stock["AWQModifier"]["mappings"]]
+    patched = scratch / f"{base}_{abs(hash((overrides, awq_layers)))}.yaml"
     patched.write_text(yaml.safe_dump(recipe))
     return patched
 
 
-def measure(method: str, size: int, scheme: str, count_flops: bool = False) -> dict:
+def measure(method: str, size: int, scheme: str, count_flops: bool = False, awq_layers: int | None = None) -> dict:
     """One calibration run in this process; returns its timings and peak memory, or with
-    ``count_flops`` its FLOPs (whole ``oneshot`` and inside QIG's attribution, in GFLOP)."""
+    ``count_flops`` its FLOPs (whole ``oneshot`` and inside QIG's attribution, in GFLOP). With ``awq_layers``, an
+    AWQ-family run searches scales on text layers 1..``awq_layers`` (:func:`recipe_path`) and its decoder-layer
+    time ends where text layer ``awq_layers + 1`` first runs."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from qig_plugin.data import build_calibration_dataset
@@ -78,10 +95,15 @@ def measure(method: str, size: int, scheme: str, count_flops: bool = False) -> d
     dataset = build_calibration_dataset(vlm_records("calibration", size, processor=processor), processor)
     model = load_model(model_dir)
 
-    layer_one_start: list[float] = []
-    model.model.text_model.layers[1].register_forward_pre_hook(
-        lambda *_: layer_one_start.append(time.perf_counter()) if not layer_one_start else None
-    )
+    text_layers = model.model.text_model.layers
+    last_timed = awq_layers if awq_layers and method.partition("@")[0] in ("awq", "qig_awq") else len(text_layers) - 1
+    first_calls: dict[int, float] = {}  # text layer -> when it first ran
+
+    def note_first_call(index: int) -> None:  # a pre-hook that returns None leaves the layer's arguments alone
+        first_calls.setdefault(index, time.perf_counter())
+
+    for index in {1, last_timed + 1} & set(range(len(text_layers))):
+        text_layers[index].register_forward_pre_hook(lambda *_, index=index: note_first_call(index))
     attribution_s, attribution_flops = [0.0], [0]
     # where each QIG modifier computes its token weights
     for modifier, name in ((QIGGPTQModifier, "group_weights"), (QIGAWQModifier, "mapping_token_weights")):
@@ -95,7 +117,7 @@ def measure(method: str, size: int, scheme: str, count_flops: bool = False) -> d
 
         setattr(modifier, name, timed)
     with tempfile.TemporaryDirectory() as scratch:
-        recipe = recipe_path(method, scheme, Path(scratch))
+        recipe = recipe_path(method, scheme, Path(scratch), awq_layers)
         with FlopCounterMode(display=False) if count_flops else nullcontext() as counter:
             start = time.perf_counter()
             quantize_to_checkpoint(model, processor, recipe, dataset, Path(scratch) / "out")
@@ -110,17 +132,19 @@ def measure(method: str, size: int, scheme: str, count_flops: bool = False) -> d
         "samples": size,
         "tokens": tokens,
         "oneshot_s": round(end - start, 1),
-        "decoder_layers_s": round(end - layer_one_start[0], 1),
+        "decoder_layers_s": round(first_calls.get(last_timed + 1, end) - first_calls[1], 1),
+        "timed_layers": f"1-{last_timed}",
         "attribution_s": round(attribution_s[0], 1),
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
     }
 
 
-def run_one(method: str, size: int, scheme: str, count_flops: bool = False) -> dict:
+def run_one(method: str, size: int, scheme: str, count_flops: bool = False, awq_layers: int | None = None) -> dict:
     """``measure`` in a fresh process (nothing cached from an earlier run)."""
     print(f"running {method} on {size} samples{' (counting FLOPs)' if count_flops else ''} ...", flush=True)
     completed = subprocess.run(
-        [sys.executable, __file__, "--scheme", scheme, "--one", method, str(size), *(["--count-flops"] * count_flops)],
+        [sys.executable, __file__, "--scheme", scheme, "--one", method, str(size), *(["--count-flops"] * count_flops),
+         *(["--awq-layers", str(awq_layers)] if awq_layers else [])],
         capture_output=True, text=True,
     )
     if completed.returncode:
@@ -139,6 +163,7 @@ def medians(runs: list[dict]) -> list[dict]:
         repeats = [r for r in runs if r["method"] == method and r["samples"] == samples]
         decoder = [r["decoder_layers_s"] for r in repeats]
         rows.append({"method": method, "samples": samples, "tokens": repeats[0]["tokens"], "repeats": len(repeats),
+                     "timed_layers": repeats[0]["timed_layers"],
                      **{k: round(statistics.median(r[k] for r in repeats), 2) for k in MEASURES},
                      "decoder_layers_s_range": [min(decoder), max(decoder)]})
     return rows
@@ -198,14 +223,15 @@ def plot(rows: list[dict], path: Path) -> None:
 
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for method, marker in zip(dict.fromkeys(r["method"] for r in rows), "osD^v<>"):
-        points = [r for r in rows if r["method"] == method]
+        points = sorted((r for r in rows if r["method"] == method), key=lambda r: r["tokens"])
         tokens = [r["tokens"] for r in points]
         decoder = [r["decoder_layers_s"] for r in points]
         spread = [[d - r["decoder_layers_s_range"][0] for d, r in zip(decoder, points)],
                   [r["decoder_layers_s_range"][1] - d for d, r in zip(decoder, points)]]
-        axis.errorbar(tokens, decoder, yerr=spread, marker=marker, capsize=3, label=f"{method}: decoder layers")
+        axis.errorbar(tokens, decoder, yerr=spread, marker=marker, capsize=3,
+                      label=f"{method}: text layers {points[0]['timed_layers']}")
     axis.set(xlabel="calibration tokens", ylabel="seconds (2 CPU cores), median and range",
-             title="Calibration time, default model")
+             title="Calibration time of the timed text layers, default model")
     axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -218,6 +244,9 @@ def main() -> None:
     parser.add_argument("--exact-sizes", type=int, nargs="*", default=[16, 64],
                         help="sizes at which QIG-GPTQ also runs with qig_attribution: exact")
     parser.add_argument("--awq-sizes", type=int, nargs="*", default=[16, 64, 256], help="AWQ calibration samples")
+    parser.add_argument("--awq-layers", type=int, default=None,
+                        help="AWQ and QIG-AWQ search scales on text layers 1..N only, and are timed there (AWQ's "
+                             "search on all 29 layers takes over an hour per run at 256 samples on 2 cores)")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each (method, size), interleaved")
     parser.add_argument("--flop-sizes", type=int, nargs="*", default=[2, 4],
                         help="count GPTQ and QIG-GPTQ FLOPs at these sizes (untimed runs, about 6x slower)")
@@ -228,7 +257,8 @@ def main() -> None:
     parser.add_argument("--count-flops", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print("RESULT " + json.dumps(measure(args.one[0], int(args.one[1]), args.scheme, args.count_flops)))
+        print("RESULT " + json.dumps(measure(args.one[0], int(args.one[1]), args.scheme, args.count_flops,
+                                             args.awq_layers)))
         return
     if len(args.flop_sizes) == 1:
         parser.error("--flop-sizes needs two sizes or more (the cost per token is a slope), or none")
@@ -238,7 +268,7 @@ def main() -> None:
     plan += [(size, method) for size in args.awq_sizes for method in ("awq", "qig_awq")]
     counts = [run_one(method, size, args.scheme, count_flops=True)
               for size in args.flop_sizes for method in ("gptq", "qig_gptq")]
-    runs = [{**run_one(method, size, args.scheme), "repeat": repeat}
+    runs = [{**run_one(method, size, args.scheme, awq_layers=args.awq_layers), "repeat": repeat}
             for repeat in range(args.repeats) for size, method in plan]
     if args.add:
         earlier = json.loads((RESULTS / "speed.json").read_text())
@@ -261,11 +291,13 @@ def main() -> None:
     plot(rows, RESULTS / "speed.png")
 
     print(f"\nmedians of {args.repeats} runs")
-    print("| samples | tokens | method | oneshot s | decoder layers s (range) | QIG attribution s | peak RSS GB |")
-    print("|---|---|---|---|---|---|---|")
+    print("| samples | tokens | method | oneshot s | timed text layers | their s (range) | QIG attribution s "
+          "| peak RSS GB |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         low, high = r["decoder_layers_s_range"]
-        print(f"| {r['samples']} | {r['tokens']} | {r['method']} | {r['oneshot_s']} | {r['decoder_layers_s']} "
+        print(f"| {r['samples']} | {r['tokens']} | {r['method']} | {r['oneshot_s']} | {r['timed_layers']} "
+              f"| {r['decoder_layers_s']} "
               f"({low}-{high}) | {r['attribution_s']} | {r['peak_rss_gb']} |")
     print("\n| QIG method | samples | QIG/stock oneshot | QIG/stock decoder layers | QIG/stock peak RSS |")
     print("|---|---|---|---|---|")
