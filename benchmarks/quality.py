@@ -86,8 +86,8 @@ METHODS = {
     "sq_gptq": ("sq_gptq_{scheme}", {}, {}, WEIGHT_ACTIVATION),
     "qig_sq_gptq": ("qig_sq_gptq_{scheme}", {}, {}, WEIGHT_ACTIVATION),
     "qig_sq_qig_gptq": ("qig_sq_gptq_{scheme}", {"GPTQModifier": "QIGGPTQModifier"}, {}, WEIGHT_ACTIVATION),
-    "autoround": ("autoround_{scheme}", {}, {}, ("w3a16", "w4a16")),
-    "qig_autoround": ("qig_autoround_{scheme}", {}, {}, ("w3a16", "w4a16")),
+    "autoround": ("autoround_{scheme}", {}, {}, ALL_SCHEMES[:3]),
+    "qig_autoround": ("qig_autoround_{scheme}", {}, {}, ALL_SCHEMES[:3]),
 }
 # controls in every QIG family: the same weighting path with cheaper token scores (see control_modifiers)
 CONTROL_KINDS = ("norm", "first_token_zero", "discrepancy")

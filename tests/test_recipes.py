@@ -21,6 +21,7 @@ TWIN_PREFIXES = {"qig_gptq_": "gptq_", "qig_awq_": "awq_", "qig_sq_gptq_": "sq_g
 REQUIRED = {
     "qig_gptq_w4a16", "qig_gptq_w4a8", "qig_awq_w3a16", "qig_awq_w4a16",
     "qig_sq_gptq_w4a8", "qig_sq_gptq_w8a8", "mbq_awq_w3a16", "qig_autoround_w3a16", "qig_autoround_w4a16",
+    "qig_autoround_w4a8",
 }
 
 
