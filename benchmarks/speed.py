@@ -43,6 +43,7 @@ RESULTS = REPO_ROOT / "benchmarks" / "results"
 # stock method -> its QIG twin (qig_plugin/recipes/{method}_{scheme}.yaml)
 TWINS = {"gptq": "qig_gptq", "awq": "qig_awq"}
 EXACT = {qig: f"{qig}@qig_attribution=exact" for qig in TWINS.values()}
+AWQ_METHODS = ("awq", TWINS["awq"])  # what --awq-layers scopes
 MEASURES = ("oneshot_s", "decoder_layers_s", "attribution_s", "peak_rss_gb")
 
 
@@ -53,7 +54,7 @@ def recipe_path(method: str, scheme: str, scratch: Path, awq_layers: int | None 
     scoped to those layers); every layer is still quantized."""
     base, _, overrides = method.partition("@")
     path = shipped_recipe(f"{base}_{scheme}")
-    awq_family = base in ("awq", "qig_awq")
+    awq_family = base in AWQ_METHODS
     if not overrides and not (awq_layers and awq_family):
         return path
     recipe = yaml.safe_load(path.read_text())
@@ -96,7 +97,7 @@ def measure(method: str, size: int, scheme: str, count_flops: bool = False, awq_
     model = load_model(model_dir)
 
     text_layers = model.model.text_model.layers
-    last_timed = awq_layers if awq_layers and method.partition("@")[0] in ("awq", "qig_awq") else len(text_layers) - 1
+    last_timed = awq_layers if awq_layers and method.partition("@")[0] in AWQ_METHODS else len(text_layers) - 1
     first_calls: dict[int, float] = {}  # text layer -> when it first ran
 
     def note_first_call(index: int) -> None:  # a pre-hook that returns None leaves the layer's arguments alone
