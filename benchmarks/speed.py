@@ -247,7 +247,7 @@ def main() -> None:
     parser.add_argument("--awq-sizes", type=int, nargs="*", default=[16, 64, 256], help="AWQ calibration samples")
     parser.add_argument("--awq-layers", type=int, default=None,
                         help="AWQ and QIG-AWQ search scales on text layers 1..N only, and are timed there (AWQ's "
-                             "search on all 29 layers takes over an hour per run at 256 samples on 2 cores)")
+                             "search on all 29 layers takes about 40 minutes per run at 256 samples on 2 cores)")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each (method, size), interleaved")
     parser.add_argument("--flop-sizes", type=int, nargs="*", default=[2, 4],
                         help="count GPTQ and QIG-GPTQ FLOPs at these sizes (untimed runs, about 6x slower)")
