@@ -49,13 +49,12 @@ MEASURES = ("oneshot_s", "decoder_layers_s", "attribution_s", "peak_rss_gb")
 
 def recipe_path(method: str, scheme: str, scratch: Path, awq_layers: int | None = None) -> Path:
     """``qig_plugin/recipes/{method}_{scheme}.yaml``; ``qig_gptq@field=value,...`` is that recipe with its QIG
-    modifier's fields changed (e.g. ``qig_gptq@qig_attribution=exact``). With ``awq_layers``, an AWQ-family
+    modifier's fields changed (e.g. ``qig_gptq@qig_attribution=exact``). With ``awq_layers`` (AWQ methods only), the
     recipe searches scales on text layers 1..``awq_layers`` only (both twins get the stock recipe's mappings,
     scoped to those layers); every layer is still quantized."""
     base, _, overrides = method.partition("@")
     path = shipped_recipe(f"{base}_{scheme}")
-    awq_family = base in AWQ_METHODS
-    if not overrides and not (awq_layers and awq_family):
+    if not overrides and not awq_layers:
         return path
     recipe = yaml.safe_load(path.read_text())
     modifiers = recipe["quant_stage"]["quant_modifiers"]
@@ -64,7 +63,7 @@ def recipe_path(method: str, scheme: str, scratch: Path, awq_layers: int | None 
         for assignment in overrides.split(","):
             field, _, value = assignment.partition("=")
             modifiers[qig_modifier][field] = yaml.safe_load(value)
-    if awq_layers and awq_family:
+    if awq_layers:
         stock = yaml.safe_load(shipped_recipe(f"awq_{scheme}").read_text())["quant_stage"]["quant_modifiers"]
         layers = "(?:" + "|".join(str(i) for i in range(1, awq_layers + 1)) + ")"
         (awq_modifier,) = [name for name in modifiers if "AWQModifier" in name]
@@ -79,8 +78,8 @@ def recipe_path(method: str, scheme: str, scratch: Path, awq_layers: int | None 
 
 def measure(method: str, size: int, scheme: str, count_flops: bool = False, awq_layers: int | None = None) -> dict:
     """One calibration run in this process; returns its timings and peak memory, or with
-    ``count_flops`` its FLOPs (whole ``oneshot`` and inside QIG's attribution, in GFLOP). With ``awq_layers``, an
-    AWQ-family run searches scales on text layers 1..``awq_layers`` (:func:`recipe_path`) and its decoder-layer
+    ``count_flops`` its FLOPs (whole ``oneshot`` and inside QIG's attribution, in GFLOP). With ``awq_layers`` (AWQ
+    methods only), the run searches scales on text layers 1..``awq_layers`` (:func:`recipe_path`) and its decoder-layer
     time ends where text layer ``awq_layers + 1`` first runs."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -97,7 +96,7 @@ def measure(method: str, size: int, scheme: str, count_flops: bool = False, awq_
     model = load_model(model_dir)
 
     text_layers = model.model.text_model.layers
-    last_timed = awq_layers if awq_layers and method.partition("@")[0] in AWQ_METHODS else len(text_layers) - 1
+    last_timed = awq_layers or len(text_layers) - 1
     first_calls: dict[int, float] = {}  # text layer -> when it first ran
 
     def note_first_call(index: int) -> None:  # a pre-hook that returns None leaves the layer's arguments alone
@@ -266,10 +265,11 @@ def main() -> None:
 
     plan = [(size, method) for size in args.sizes for method in ("gptq", "qig_gptq")]
     plan += [(size, EXACT["qig_gptq"]) for size in args.exact_sizes]
-    plan += [(size, method) for size in args.awq_sizes for method in ("awq", "qig_awq")]
+    plan += [(size, method) for size in args.awq_sizes for method in AWQ_METHODS]
     counts = [run_one(method, size, args.scheme, count_flops=True)
               for size in args.flop_sizes for method in ("gptq", "qig_gptq")]
-    runs = [{**run_one(method, size, args.scheme, awq_layers=args.awq_layers), "repeat": repeat}
+    runs = [{**run_one(method, size, args.scheme, awq_layers=args.awq_layers if method in AWQ_METHODS else None),
+             "repeat": repeat}
             for repeat in range(args.repeats) for size, method in plan]
     if args.add:
         earlier = json.loads((RESULTS / "speed.json").read_text())
