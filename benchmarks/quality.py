@@ -119,6 +119,9 @@ END_LOSS = {"fisher_gptq": ("qig_gptq_{scheme}", {"QIGGPTQModifier": "fisher:QIG
             "qig_fisher_mean_gptq": ("qig_gptq_{scheme}", {"QIGGPTQModifier": "qig_fisher_mean:QIGGPTQModifier"},
                                      {}, ALL_SCHEMES)}
 VARIANTS.update(END_LOSS)
+# QIG-AutoRound's weights with the first token (the attention sink) left out (see sink_zero_variant)
+VARIANTS["qig_sink_zero_autoround"] = (
+    "qig_autoround_{scheme}", {"QIGAutoRoundModifier": "sink_zero:QIGAutoRoundModifier"}, {}, ALL_SCHEMES[:3])
 FISHER_LABEL_DRAWS = 2
 METHODS.update(VARIANTS)
 # mixed precision (qig plan-bits): each allocation's plan on the cell's own calibration records, run by stock GPTQ
@@ -136,8 +139,8 @@ STOCK_TWIN = {**{m: "gptq" for m in METHODS if m.endswith("_gptq") and m not in 
               **{m: "awq" for m in METHODS if m.endswith("_awq") and m not in STOCK},
               **{m: "autoround" for m in METHODS if m.endswith("_autoround") and m not in STOCK},
               **{m: "sq_gptq" for m in METHODS if m.endswith("_sq_gptq") or m == "qig_sq_qig_gptq"},
-              **dict.fromkeys(VARIANTS, "gptq"), "mixed_qig": "mixed_entropy",
-              "mixed_discrepancy": "mixed_entropy"}
+              **{m: "autoround" if m.endswith("_autoround") else "gptq" for m in VARIANTS},
+              "mixed_qig": "mixed_entropy", "mixed_discrepancy": "mixed_entropy"}
 IMAGE_ONLY = ("mbq_awq",)  # MBQ weights tokens by modality: the text model has no image tokens
 SCHEMES = ALL_SCHEMES + tuple(BUDGETS)
 
@@ -254,6 +257,21 @@ def end_loss_variants(qig_gptq: type) -> dict[str, type]:
     return variants
 
 
+def sink_zero_variant(qig_modifier: type) -> dict[str, type]:
+    """``"sink_zero:{QIG class}"`` -> that QIG modifier with the first token of every sample (the attention sink)
+    left out of its weights: weight 0, QIG's weights on the other kept tokens, clipped and normalized as the
+    default. The first-token-zero control is the same with uniform weights."""
+    from qig_plugin.attribution import calibration_token_weights
+
+    def qig_weights(self, scores, keep):
+        keep = torch.ones_like(scores, dtype=torch.bool) if keep is None else keep.clone()
+        keep[:, 0] = False
+        return calibration_token_weights(scores, keep, self.iqr_multiplier)
+
+    name = qig_modifier.__name__
+    return {f"sink_zero:{name}": type(f"SinkZero{name}", (qig_modifier,), {"qig_weights": qig_weights})}
+
+
 def decoder_linears(layers) -> list[torch.nn.Linear]:
     """Every linear of the decoder layers, in module order: the columns of the per-linear Fisher weights."""
     return [m for layer in layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
@@ -331,6 +349,7 @@ def build_modifiers(method: str, scheme: str) -> list:
     classes.update(control_modifiers(classes))
     classes.update(weighting_variants(QIGGPTQModifier))
     classes.update(end_loss_variants(QIGGPTQModifier))
+    classes.update(sink_zero_variant(QIGAutoRoundModifier))
     recipe, swaps, overrides, _ = METHODS[method]
     stages = yaml.safe_load((RECIPES / f"{recipe.format(scheme=scheme)}.yaml").read_text())
     modifiers = []
