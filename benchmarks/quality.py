@@ -139,7 +139,7 @@ STOCK_TWIN = {**{m: "gptq" for m in METHODS if m.endswith("_gptq") and m not in 
               **{m: "awq" for m in METHODS if m.endswith("_awq") and m not in STOCK},
               **{m: "autoround" for m in METHODS if m.endswith("_autoround") and m not in STOCK},
               **{m: "sq_gptq" for m in METHODS if m.endswith("_sq_gptq") or m == "qig_sq_qig_gptq"},
-              **{m: "autoround" if m.endswith("_autoround") else "gptq" for m in VARIANTS},
+              **{m: "gptq" for m in VARIANTS if m.startswith("qig_gptq_")},  # QIG-GPTQ's own knobs
               "mixed_qig": "mixed_entropy", "mixed_discrepancy": "mixed_entropy"}
 IMAGE_ONLY = ("mbq_awq",)  # MBQ weights tokens by modality: the text model has no image tokens
 SCHEMES = ALL_SCHEMES + tuple(BUDGETS)
@@ -260,7 +260,7 @@ def end_loss_variants(qig_gptq: type) -> dict[str, type]:
 def sink_zero_variant(qig_modifier: type) -> dict[str, type]:
     """``"sink_zero:{QIG class}"`` -> that QIG modifier with the first token of every sample (the attention sink)
     left out of its weights: weight 0, QIG's weights on the other kept tokens, clipped and normalized as the
-    default. The first-token-zero control is the same with uniform weights."""
+    default. The first-token-zero control also weights the first token 0, with uniform, unclipped weights elsewhere."""
     from qig_plugin.attribution import calibration_token_weights
 
     def qig_weights(self, scores, keep):
